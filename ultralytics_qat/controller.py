@@ -1,0 +1,170 @@
+"""QATController: the one object that owns the QAT state of a model.
+
+The trainer subclass, the validator subclass and the drop-in callbacks are thin front doors that call it at the right
+moments; it never imports them. It holds the config, performs the quantizer surgery, calibrates, gives the learned
+scales their own optimizer group, and turns the model's QAT state into (and back from) a checkpoint entry.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+from .config import QATConfig
+from .quant import LSQQuantizer, QConv2d, format_plan, quantize_model
+from .utils import LOGGER
+
+CKPT_KEY = "qat"  # top-level checkpoint key of the fp32 QAT state
+CKPT_FORMAT = 1
+
+
+def quantizers(model: nn.Module) -> list[tuple[str, LSQQuantizer]]:
+    """All (name, quantizer) pairs of a model."""
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, LSQQuantizer)]
+
+
+def is_qat_model(model: nn.Module) -> bool:
+    """True if the model carries ultralytics-qat fake quantizers."""
+    return any(isinstance(m, QConv2d) for m in model.modules())
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The module inside DDP / torch.compile wrappers."""
+    model = getattr(model, "module", model)
+    return getattr(model, "_orig_mod", model)
+
+
+class QATController:
+    """Owns a model's QAT config and state.
+
+    Args:
+        config: A :class:`QATConfig`, a qat.yaml path or bundled recipe name, a dict, or None for the default.
+        overrides: Dotted qat overrides, e.g. ``{"weight.bits": 3}``.
+
+    Examples:
+        >>> qat = QATController("qat.yaml")
+        >>> model = qat.prepare(model)  # quantizers in, scales not yet initialised
+        >>> qat.calibrate(model, images)  # scales from data
+    """
+
+    def __init__(self, config: QATConfig | str | dict | None = None, overrides: dict | None = None):
+        self.config = QATConfig.load(config, overrides)
+        self.plans = []
+
+    # -- surgery -----------------------------------------------------------------------------------------------------
+    def prepare(self, model: nn.Module, verbose: bool = True) -> nn.Module:
+        """Insert fake quantizers into ``model`` in place (before any optimizer or EMA exists) and return it."""
+        total = sum(isinstance(m, nn.Conv2d) for m in model.modules())
+        self.plans = quantize_model(model, self.config)
+        model.qat_config = self.config.to_dict()  # pickled with the model, so a checkpoint knows its recipe
+        if verbose:
+            LOGGER.info("QAT: fake quantizers inserted\n" + format_plan(self.plans, total))
+        return model
+
+    # -- calibration -------------------------------------------------------------------------------------------------
+    def needs_calibration(self, model: nn.Module) -> bool:
+        """True while any quantizer has no scale yet (a fresh QAT model, not one loaded from a QAT checkpoint)."""
+        return any(not q._initialized for _, q in quantizers(unwrap(model)))
+
+    @torch.no_grad()
+    def calibrate(self, model: nn.Module, images: Iterable[torch.Tensor], batches: int | None = None) -> int:
+        """Initialise every uninitialised scale: weights from the weights, activations from ``images`` batches.
+
+        The model runs in train mode (activations as QAT will see them) with BN statistics saved and restored, so
+        calibration leaves no trace but the scales. Already initialised quantizers (e.g. learned scales of a resumed
+        checkpoint) are never touched. Under torch.distributed, rank 0's result is broadcast so ranks agree.
+
+        Returns:
+            The number of quantizers initialised.
+        """
+        model = unwrap(model)
+        batches = batches or self.config.calibration.batches
+        todo = [q for _, q in quantizers(model) if not q._initialized]
+        for m in model.modules():
+            if isinstance(m, QConv2d) and not m.weight_fake_quant._initialized:
+                m.weight_fake_quant.init_weight(m.weight)
+        acts = [q for q in todo if q.kind == "activation"]
+        if acts:
+            bn_state = {k: v.clone() for k, v in model.state_dict().items() if "running_" in k or "num_batches" in k}
+            was_training = model.training
+            for q in acts:
+                q.start_observing()
+            model.train()
+            seen = 0
+            try:
+                for img in images:
+                    model(img)
+                    seen += 1
+                    if seen >= batches:
+                        break
+                for q in acts:
+                    q.finish_observing()
+            finally:
+                for q in acts:
+                    q._observer = None
+                model.load_state_dict(bn_state, strict=False)
+                model.train(was_training)
+            LOGGER.info(f"QAT: calibrated {len(acts)} activation scales on {seen} batches")
+        self._broadcast(model)
+        return len(todo)
+
+    @staticmethod
+    def _broadcast(model: nn.Module) -> None:
+        if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+            return
+        for _, q in quantizers(model):
+            for t in (q.scale.data, q.qrange, q.initialized):
+                torch.distributed.broadcast(t, src=0)
+            q.bits, q.qn, q.qp = (int(v) for v in q.qrange.tolist())
+            q._initialized = bool(q.initialized)
+
+    # -- optimizer ---------------------------------------------------------------------------------------------------
+    def scale_parameters(self, model: nn.Module) -> list[nn.Parameter]:
+        """The learned scales, in module order."""
+        return [q.scale for _, q in quantizers(unwrap(model))]
+
+    def add_scale_group(self, optimizer: torch.optim.Optimizer, model: nn.Module) -> None:
+        """Move the scales out of the optimizer's groups into their own group (no weight decay, own lr multiplier)."""
+        scales = self.scale_parameters(model)
+        ids = {id(p) for p in scales}
+        for group in optimizer.param_groups:
+            group["params"] = [p for p in group["params"] if id(p) not in ids]
+        base_lr = optimizer.defaults.get("lr", optimizer.param_groups[0]["lr"])
+        optimizer.add_param_group(
+            {
+                "params": scales,
+                "lr": base_lr * self.config.optim.scale_lr_mult,
+                "weight_decay": self.config.optim.scale_weight_decay,
+                "param_group": "qat_scale",
+            }
+        )
+
+    # -- checkpoints -------------------------------------------------------------------------------------------------
+    def checkpoint_entry(self, model: nn.Module) -> dict:
+        """The fp32 QAT state stored under ``ckpt["qat"]`` (Ultralytics pickles its EMA model in fp16)."""
+        state = {k: v.detach().float().cpu().clone() if v.is_floating_point() else v.detach().cpu().clone()
+                 for k, v in unwrap(model).state_dict().items()}
+        return {"format": CKPT_FORMAT, "config": self.config.to_dict(), "state": state}
+
+    @staticmethod
+    def restore(model: nn.Module, entry: dict) -> None:
+        """Load the exact fp32 state of :meth:`checkpoint_entry` into a model of the same structure."""
+        model = unwrap(model)
+        own = model.state_dict()
+        missing = [k for k in own if k not in entry["state"]]
+        if missing:
+            from .errors import QATCheckpointError
+
+            raise QATCheckpointError(
+                f"QAT checkpoint state does not fit this model ({len(missing)} tensors missing, e.g. '{missing[0]}'); "
+                "load it with the model it was trained with"
+            )
+        with torch.no_grad():
+            for k, v in own.items():
+                v.copy_(entry["state"][k].to(v.dtype))
+        for _, q in quantizers(model):  # copy_ bypasses _load_from_state_dict: refresh host mirrors
+            q.bits, q.qn, q.qp = (int(x) for x in q.qrange.tolist())
+            q._initialized = bool(q.initialized)
+

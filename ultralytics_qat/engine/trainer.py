@@ -1,0 +1,150 @@
+"""QATDetectionTrainer: Ultralytics' DetectionTrainer with LSQ fake quantization.
+
+It only overrides hooks (``get_model``, ``get_validator``, ``build_optimizer``, ``save_model``,
+``_load_checkpoint_state``) and delegates every QAT decision to :class:`QATController`.
+
+The ``qat`` setting never enters Ultralytics' args (which reject unknown keys); it is popped in ``__init__`` and,
+for a DDP launch, carried into the workers through the pickled args, where the worker's ``__init__`` pops it again.
+"""
+
+from __future__ import annotations
+
+import io
+from copy import copy
+
+import torch
+from ultralytics.models.yolo.detect import DetectionTrainer
+from ultralytics.utils import DEFAULT_CFG, LOGGER, RANK
+
+from ..checkpoint import restore_exact
+from ..config import QATConfig
+from ..controller import CKPT_KEY, QATController, is_qat_model, unwrap
+from ..errors import QATCheckpointError
+from .validator import QATDetectionValidator
+
+
+def split_qat_overrides(overrides: dict) -> tuple[object, dict, dict]:
+    """Split ``qat=...`` and dotted ``qat.x.y=...`` keys off Ultralytics overrides: (qat, qat_overrides, rest)."""
+    rest = dict(overrides or {})
+    qat = rest.pop("qat", None)
+    dotted = {k[4:]: rest.pop(k) for k in list(rest) if isinstance(k, str) and k.startswith("qat.")}
+    return qat, dotted, rest
+
+
+class QATDetectionTrainer(DetectionTrainer):
+    """Detection trainer that quantizes the model with LSQ fake quantizers and trains it (QAT).
+
+    Args:
+        cfg: Ultralytics default config (dict or path).
+        overrides: Ultralytics args plus ``qat`` (qat.yaml path, recipe name, dict or QATConfig) and dotted
+            ``qat.<key>`` overrides.
+        _callbacks: Ultralytics callbacks.
+
+    Examples:
+        >>> from ultralytics import YOLO
+        >>> YOLO("yolov8n.yaml").train(trainer=QATDetectionTrainer, qat="qat.yaml", data="coco8.yaml", epochs=3)
+    """
+
+    def __init__(self, cfg=DEFAULT_CFG, overrides=None, _callbacks=None):
+        qat, dotted, overrides = split_qat_overrides(overrides)
+        self._qat_explicit = qat is not None or bool(dotted)
+        self.qat = QATController(qat, dotted)
+        if not self.qat.config.amp:
+            if overrides.get("amp") not in (None, False):
+                LOGGER.info("QAT: qat.amp=false switches Ultralytics AMP off (set qat.amp=true to keep it)")
+            overrides["amp"] = False
+        super().__init__(cfg, overrides, _callbacks)
+        self.add_callback("on_pretrain_routine_end", _calibrate_and_sync_ema)
+
+    # -- model -------------------------------------------------------------------------------------------------------
+    def get_model(self, cfg=None, weights=None, verbose=True):
+        """Build the detection model, insert quantizers, then load ``weights`` (float or QAT) into it."""
+        if weights is not None and is_qat_model(weights):
+            self._adopt_checkpoint_config(weights)
+        model = super().get_model(cfg=cfg, weights=None, verbose=verbose)
+        self.qat.prepare(model, verbose=verbose and RANK in {-1, 0})
+        if weights is not None:
+            model.load(weights)
+            if is_qat_model(weights):
+                restore_exact(model, weights)
+        return model
+
+    def _adopt_checkpoint_config(self, weights) -> None:
+        saved = getattr(weights, "qat_config", None)
+        if saved is None:
+            return
+        saved = QATConfig.from_dict(saved, source="checkpoint")
+        if self._qat_explicit and saved != self.qat.config and not self.args.resume:
+            raise QATCheckpointError(
+                "the model is a QAT checkpoint trained with a different qat config; drop qat=... to continue with "
+                "its own config, or start from the float model"
+            )
+        self.qat.config = saved
+
+    def get_validator(self):
+        """A QAT-aware validator (loads QAT checkpoints exactly for the final evaluation)."""
+        return QATDetectionValidator(self.test_loader, save_dir=self.save_dir, args=copy(self.args), _callbacks=self.callbacks)
+
+    # -- optimizer ---------------------------------------------------------------------------------------------------
+    def build_optimizer(self, model, name="auto", lr=0.001, momentum=0.9, decay=1e-5, iterations=1e5):
+        """Ultralytics' optimizer, with the learned scales moved into their own group (no weight decay)."""
+        optimizer = super().build_optimizer(model, name, lr, momentum, decay, iterations)
+        self.qat.add_scale_group(optimizer, model)
+        return optimizer
+
+    # -- checkpoints -------------------------------------------------------------------------------------------------
+    def save_model(self):
+        """Ultralytics' checkpoint plus the fp32 QAT state of the EMA model under ``ckpt["qat"]``."""
+        super().save_model()
+        ckpt = torch.load(self.last, map_location="cpu", weights_only=False)
+        ckpt[CKPT_KEY] = self.qat.checkpoint_entry(self.ema.ema)
+        buffer = io.BytesIO()
+        torch.save(ckpt, buffer)
+        data = buffer.getvalue()
+        self.last.write_bytes(data)
+        if self.best_fitness == self.fitness:
+            self.best.write_bytes(data)
+        if (self.save_period > 0) and (self.epoch % self.save_period == 0):
+            (self.wdir / f"epoch{self.epoch}.pt").write_bytes(data)
+        return True
+
+    def _load_checkpoint_state(self, ckpt):
+        """Resume (and NaN recovery): Ultralytics' state, then the exact fp32 QAT state into model and EMA."""
+        super()._load_checkpoint_state(ckpt)
+        entry = ckpt.get(CKPT_KEY)
+        if not isinstance(entry, dict):
+            raise QATCheckpointError(
+                f"'{self.args.model}' has no QAT state to resume from; resume it with 'yolo train resume "
+                f"model={self.args.model}', or start QAT from it without resume"
+            )
+        QATController.restore(self.model, entry)
+        QATController.restore(self.ema.ema, entry)
+
+    # -- DDP ---------------------------------------------------------------------------------------------------------
+    def train(self):
+        """Train; for a DDP launch the qat config rides in the pickled args to the workers."""
+        if not self.ddp:
+            return super().train()
+        self.args.qat = self.qat.config.to_dict()
+        try:
+            return super().train()
+        finally:
+            del self.args.qat
+
+
+def _calibrate_and_sync_ema(trainer) -> None:
+    """on_pretrain_routine_end: initialise scales from training batches, then make the EMA match the model.
+
+    Runs after the optimizer and EMA exist (Ultralytics builds both before this event). A resumed or QAT-checkpoint
+    model has all scales already and is left untouched.
+    """
+    qat: QATController = trainer.qat
+    if not qat.needs_calibration(trainer.model):
+        return
+
+    def images():
+        for batch in trainer.train_loader:
+            yield trainer.preprocess_batch(batch)["img"]
+
+    qat.calibrate(trainer.model, images())
+    trainer.ema.ema.load_state_dict(unwrap(trainer.model).state_dict())

@@ -1,0 +1,24 @@
+"""Errors with one-line messages that name the problem and the fix.
+
+The CLI prints ``str(error)`` of these and exits non-zero, so every message must stand alone.
+"""
+
+
+class QATError(Exception):
+    """Base class of every error ultralytics-qat raises on purpose."""
+
+
+class QATConfigError(QATError, ValueError):
+    """A qat.yaml key, value or override is invalid."""
+
+
+class QATCheckpointError(QATError, ValueError):
+    """A checkpoint is missing, unreadable, or of the wrong kind (e.g. a float model where a QAT one is needed)."""
+
+
+class QuantizerNotInitializedError(QATError, RuntimeError):
+    """A quantizer ran forward before its scale was initialised by calibration."""
+
+
+class BackendUnavailableError(QATError, RuntimeError):
+    """An explicitly requested kernel backend (e.g. Triton) cannot run here."""

@@ -1,0 +1,118 @@
+"""LSQ fake quantization in plain PyTorch: the CPU path and the oracle for every other backend.
+
+Math (Esser et al., ICLR 2020, "Learned Step Size Quantization"), with v = x / s and r = round_half_even(v):
+
+    forward   q = clamp(r, qn, qp) * s
+    grad_x    g_q                    where qn <= r <= qp, else 0            (straight-through estimator)
+    grad_s    sum(g_q * t) * grad_scale,  t = r - v inside, qn below, qp above
+
+The in/out mask is the *rounded* one (out when r < qn or r > qp), the convention of PyTorch's
+``torch._fake_quantize_learnable_*`` ops, so the forward and ``grad_x`` match that builtin bitwise. Masks are written
+explicitly: since torch 2.14 ``clamp`` gives a zero gradient at exactly min/max, which would silently drop the
+gradient of every value that lands on a grid end.
+
+Two ScaleGrad options from the oscillation-aware QAT paper (seed 002) act on the in-range elements:
+``pulse_delta`` replaces t = r - v by PulseSmooth F(t), which decays to 0 at the rounding transitions |t| -> 0.5, and
+``dist_k`` scales grad_x by exp(-k |t|) so weights near a transition move less.
+
+The scale is used through ``clamp_min(SCALE_EPS)`` in the forward only; its gradient passes unchanged, so a scale
+pushed to zero by a large step can recover instead of sticking at a clamp with zero gradient.
+"""
+
+from __future__ import annotations
+
+import torch
+
+SCALE_EPS = 1e-8
+
+
+def _broadcast_scale(scale: torch.Tensor, x: torch.Tensor, ch_axis: int | None) -> torch.Tensor:
+    """View ``scale`` ([1] or [C]) so it broadcasts against ``x`` along ``ch_axis``."""
+    s = scale.float().clamp_min(SCALE_EPS)
+    if ch_axis is None:
+        return s.reshape(())
+    shape = [1] * x.dim()
+    shape[ch_axis] = -1
+    return s.reshape(shape)
+
+
+def pulse_smooth(t: torch.Tensor, delta: float) -> torch.Tensor:
+    """PulseSmooth F(t) of seed 002: t inside, falling linearly to 0 at t = +-0.5 within ``delta`` of it."""
+    c = (0.5 - delta) / delta
+    hi = t >= 0.5 - delta
+    lo = t <= -0.5 + delta
+    return torch.where(hi, -c * (t - 0.5), torch.where(lo, -c * (t + 0.5), t))
+
+
+class LSQFakeQuant(torch.autograd.Function):
+    """Autograd function of LSQ fake quantization; ``backward`` recomputes from ``x`` instead of storing masks."""
+
+    @staticmethod
+    def forward(ctx, x, scale, qn, qp, grad_scale, ch_axis, pulse_delta, dist_k):  # noqa: D102
+        s = _broadcast_scale(scale, x, ch_axis)
+        out = torch.div(x.float(), s).round_().clamp_(qn, qp).mul_(s)
+        ctx.save_for_backward(x, scale)
+        ctx.args = (qn, qp, grad_scale, ch_axis, pulse_delta, dist_k)
+        return out.to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_out):  # noqa: D102
+        x, scale = ctx.saved_tensors
+        qn, qp, grad_scale, ch_axis, pulse_delta, dist_k = ctx.args
+        grad_x, grad_s = lsq_backward(grad_out, x, scale, qn, qp, grad_scale, ch_axis, pulse_delta, dist_k)
+        return grad_x, grad_s, None, None, None, None, None, None
+
+
+def lsq_backward(grad_out, x, scale, qn, qp, grad_scale, ch_axis=None, pulse_delta=0.0, dist_k=0.0):
+    """Gradients (grad_x, grad_scale) of LSQ fake quantization, recomputed from the input ``x``."""
+    s = _broadcast_scale(scale, x, ch_axis)
+    g = grad_out.float()
+    v = x.float() / s
+    t = torch.round(v)
+    below, above = t < qn, t > qp
+    t.sub_(v)  # t = r - v, the rounding error in units of s
+    outside = below | above
+    if dist_k:
+        grad_x = g * torch.exp(-dist_k * t.abs())
+        grad_x.masked_fill_(outside, 0.0)
+    else:
+        grad_x = g.masked_fill(outside, 0.0)
+    if pulse_delta:
+        t = pulse_smooth(t, pulse_delta)
+    t.masked_fill_(below, float(qn)).masked_fill_(above, float(qp))
+    prod = t.mul_(g)
+    if ch_axis is None:
+        grad_s = prod.sum().reshape(scale.shape)
+    else:
+        dims = [d for d in range(x.dim()) if d != ch_axis]
+        grad_s = prod.sum(dim=dims).reshape(scale.shape)
+    grad_s.mul_(grad_scale)
+    return grad_x.to(x.dtype), grad_s.to(scale.dtype)
+
+
+def lsq_fake_quantize_reference(
+    x: torch.Tensor,
+    scale: torch.Tensor,
+    qn: int,
+    qp: int,
+    grad_scale: float,
+    ch_axis: int | None = None,
+    pulse_delta: float = 0.0,
+    dist_k: float = 0.0,
+) -> torch.Tensor:
+    """Fake-quantize ``x`` to the grid ``s * [qn, qp]`` with the LSQ gradients (see module docstring).
+
+    Args:
+        x: Input, any float dtype; computed in fp32 and returned in ``x.dtype``.
+        scale: Positive scale, shape [1] (per tensor) or [C] with C = x.shape[ch_axis] (per channel).
+        qn: Lowest integer level (e.g. -8 for signed 4 bit, 0 for unsigned).
+        qp: Highest integer level (e.g. 7 for signed 4 bit, 15 for unsigned).
+        grad_scale: LSQ gradient scale g = 1 / sqrt(N * qp), N = elements per scale value.
+        ch_axis: Channel axis of a per-channel scale, None for a per-tensor scale.
+        pulse_delta: PulseSmooth width delta in (0, 0.5) for the scale gradient; 0 disables it.
+        dist_k: Distance-aware weight-gradient factor k >= 0; 0 disables it.
+
+    Returns:
+        The fake-quantized tensor, same shape and dtype as ``x``.
+    """
+    return LSQFakeQuant.apply(x, scale, int(qn), int(qp), float(grad_scale), ch_axis, float(pulse_delta), float(dist_k))
