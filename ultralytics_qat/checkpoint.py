@@ -24,18 +24,23 @@ def check_checkpoint_path(path: str | Path) -> Path:
     return p
 
 
+def _load_errors(path: Path, load):
+    """Run ``load()``, turning Ultralytics' loader failures into one-line :class:`QATCheckpointError`."""
+    try:
+        return load()
+    except ModuleNotFoundError as e:
+        raise QATCheckpointError(f"checkpoint '{path}' needs Python module '{e.name}', which is not installed") from None
+    except (TypeError, RuntimeError, KeyError, AttributeError) as e:
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise QATCheckpointError(f"checkpoint '{path}' could not be loaded: {msg}") from None
+
+
 def load_raw(path: str | Path) -> tuple[nn.Module, dict]:
-    """Load a checkpoint with Ultralytics' loader, turning its failures into one-line errors."""
+    """Load a checkpoint with Ultralytics' loader: (fp32 model from the fp16 pickle, checkpoint dict)."""
     from ultralytics.nn.tasks import load_checkpoint
 
     p = check_checkpoint_path(path)
-    try:
-        return load_checkpoint(p)
-    except ModuleNotFoundError as e:
-        raise QATCheckpointError(f"checkpoint '{p}' needs Python module '{e.name}', which is not installed") from None
-    except (TypeError, RuntimeError, KeyError, AttributeError) as e:
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise QATCheckpointError(f"checkpoint '{p}' could not be loaded: {msg}") from None
+    return _load_errors(p, lambda: load_checkpoint(p))
 
 
 def require_qat(model: nn.Module, ckpt: dict, path: str | Path, hint: str = "yolo val") -> dict:
@@ -70,3 +75,13 @@ def restore_exact(model: nn.Module, source: nn.Module) -> bool:
         return False
     QATController.restore(model, entry)
     return True
+
+
+def load_qat_yolo(path: str | Path, hint: str = "yolo val"):
+    """An Ultralytics ``YOLO`` object for a QAT checkpoint, its model holding the exact fp32 QAT state."""
+    from ultralytics import YOLO
+
+    p = check_checkpoint_path(path)
+    yolo = _load_errors(p, lambda: YOLO(str(p)))
+    QATController.restore(yolo.model, require_qat(yolo.model, yolo.ckpt, p, hint))
+    return yolo

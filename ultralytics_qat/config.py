@@ -205,7 +205,7 @@ def _deepcopy_dict(d):
 
 
 def _unknown_key_error(key: str, valid: list[str], source: str) -> QATConfigError:
-    close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
+    close = difflib.get_close_matches(key.rsplit(".", 1)[-1] if "." not in valid[0] else key, valid, n=1, cutoff=0.5)
     hint = f" Did you mean '{close[0]}'?" if close else ""
     return QATConfigError(f"{source}: unknown key '{key}'.{hint} Valid keys: {', '.join(valid)}")
 

@@ -10,6 +10,7 @@ for a DDP launch, carried into the workers through the pickled args, where the w
 from __future__ import annotations
 
 import io
+from contextlib import contextmanager
 from copy import copy
 
 import torch
@@ -125,9 +126,15 @@ class QATDetectionTrainer(DetectionTrainer):
         """Train; for a DDP launch the qat config rides in the pickled args to the workers."""
         if not self.ddp:
             return super().train()
+        with self.qat_in_args():
+            return super().train()
+
+    @contextmanager
+    def qat_in_args(self):
+        """Put the qat config into ``self.args`` while Ultralytics pickles them for DDP workers (see ``__init__``)."""
         self.args.qat = self.qat.config.to_dict()
         try:
-            return super().train()
+            yield self.args
         finally:
             del self.args.qat
 

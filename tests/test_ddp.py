@@ -1,0 +1,83 @@
+"""Distributed training on CPU: the DDP hand-off keeps the qat config; gloo ranks keep identical QAT state."""
+
+import os
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from ultralytics_qat.controller import QATController, quantizers
+
+pytestmark = pytest.mark.slow
+
+
+def test_ddp_handoff_rebuilds_trainer_with_same_qat_config(coco8, tmp_path):
+    from ultralytics.utils import DEFAULT_CFG_DICT
+    from ultralytics.utils.dist import generate_ddp_file
+    from ultralytics.utils.patches import torch_load
+
+    from ultralytics_qat import QATDetectionTrainer
+
+    overrides = {"model": "yolov8n.yaml", "data": str(coco8), "project": str(tmp_path), "device": "cpu",
+                 "qat": {"weight": {"bits": 3}, "exclude": ["model.9*"]}, "qat.activation.bits": 6}
+    parent = QATDetectionTrainer(overrides=overrides)
+    with parent.qat_in_args():
+        file = generate_ddp_file(parent)  # exactly what Ultralytics' DDP launcher writes for its workers
+    assert not hasattr(parent.args, "qat")  # the parent's args stay valid for Ultralytics
+    state = torch_load(file.replace(".py", ".pt"), map_location="cpu")
+    cfg = DEFAULT_CFG_DICT.copy()
+    cfg.update(save_dir="")
+    worker = state["trainer"](cfg=cfg, overrides=state["args"], _callbacks=state["callbacks"])  # as the worker does
+    assert worker.qat.config == parent.qat.config
+    assert worker.qat.config.weight.bits == 3 and worker.qat.config.activation.bits == 6
+    assert not hasattr(worker.args, "qat")
+    os.remove(file)
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _tensors(out):
+    if isinstance(out, torch.Tensor):
+        return [out]
+    items = out.values() if isinstance(out, dict) else out
+    return [t for o in items for t in _tensors(o)]
+
+
+def _worker(rank, world, port, out):
+    from ultralytics.nn.tasks import DetectionModel
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    torch.manual_seed(0)  # same init on every rank, as Ultralytics' seeding gives
+    model = DetectionModel("yolov8n.yaml", nc=4, verbose=False)
+    ctl = QATController()
+    ctl.prepare(model, verbose=False)
+    ddp = torch.nn.parallel.DistributedDataParallel(model, forward_sync_buffers=False)  # as Ultralytics
+    gen = torch.Generator().manual_seed(100 + rank)  # each rank sees different data, as a DistributedSampler gives
+    ctl.calibrate(ddp, [torch.rand(2, 3, 64, 64, generator=gen)], batches=1)  # ranks would disagree without broadcast
+    opt = torch.optim.SGD(ddp.parameters(), lr=1e-3, momentum=0.9)
+    ddp.train()
+    for _ in range(3):
+        preds = ddp(torch.rand(2, 3, 64, 64, generator=gen))
+        loss = sum(t.float().pow(2).mean() for t in _tensors(preds))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    state = {k: v.detach().clone() for k, v in model.state_dict().items() if ".scale" in k or ".weight" in k}
+    state["_qranges"] = torch.stack([q.qrange for _, q in quantizers(model)])
+    torch.save(state, f"{out}/rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+def test_gloo_two_ranks_keep_identical_scales_and_weights(tmp_path):
+    mp.spawn(_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
+    assert set(r0) == set(r1) and any(".scale" in k for k in r0)
+    for k in r0:
+        assert torch.equal(r0[k], r1[k]), k

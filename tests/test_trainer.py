@@ -1,0 +1,115 @@
+"""End-to-end QAT with the real Ultralytics trainer on real COCO images: checkpoints, resume, val, predict."""
+
+import csv
+
+import pytest
+import torch
+from ultralytics import YOLO
+
+from conftest import TRAIN_ARGS
+from ultralytics_qat import QATDetectionTrainer
+from ultralytics_qat.checkpoint import load_qat_model
+from ultralytics_qat.cli import main
+from ultralytics_qat.controller import CKPT_KEY, quantizers
+from ultralytics_qat.quant import QConv2d
+
+pytestmark = pytest.mark.slow
+
+
+def _scales(model):
+    return {n: q.scale.detach().clone() for n, q in quantizers(model)}
+
+
+def test_checkpoints_carry_fp32_qat_state(qat_run):
+    for name in ("best.pt", "last.pt"):
+        ckpt = torch.load(qat_run / "weights" / name, map_location="cpu", weights_only=False)
+        entry = ckpt[CKPT_KEY]
+        assert entry["config"]["weight"]["bits"] == 4
+        scales = {k: v for k, v in entry["state"].items() if k.endswith(".scale")}
+        assert len(scales) == 57 + 57 and all(v.dtype == torch.float32 for v in scales.values())
+        pickled = ckpt["ema"] or ckpt["model"]
+        assert next(pickled.parameters()).dtype == torch.float16  # why the fp32 copy is needed
+    model, _ = load_qat_model(qat_run / "weights" / "last.pt")
+    exact = _scales(model)
+    assert set(exact) == {k[: -len(".scale")] for k in scales}
+    for k, v in scales.items():
+        assert torch.equal(exact[k[: -len(".scale")]], v)
+    fp16 = YOLO(str(qat_run / "weights" / "last.pt")).model  # what Ultralytics alone would load
+    assert any(not torch.equal(exact[k], v) for k, v in _scales(fp16).items())  # fp16 rounding is real
+
+
+def test_scales_have_their_own_param_group_without_decay(coco8, tmp_path):
+    seen = {}
+
+    def grab(trainer):
+        seen["groups"] = [(g.get("param_group"), g["weight_decay"], len(g["params"])) for g in trainer.optimizer.param_groups]
+        seen["n_scales"] = len(quantizers(trainer.model))
+        seen["ema_equal"] = all(
+            torch.equal(a, b) for a, b in zip(_scales(trainer.model).values(), _scales(trainer.ema.ema).values())
+        )
+        raise KeyboardInterrupt  # setup is all this test needs
+
+    model = YOLO("yolov8n.yaml")
+    model.add_callback("on_pretrain_routine_end", grab)
+    with pytest.raises(KeyboardInterrupt):
+        model.train(trainer=QATDetectionTrainer, data=str(coco8), project=str(tmp_path), weight_decay=0.05,
+                    **{**TRAIN_ARGS, "epochs": 1}, **{"qat.optim.scale_lr_mult": 0.5})
+    scale_group = [g for g in seen["groups"] if g[0] == "qat_scale"]
+    assert scale_group == [("qat_scale", 0.0, seen["n_scales"])]
+    assert seen["ema_equal"]  # EMA re-synced after calibration
+
+
+def test_resume_is_bitwise_exact_for_scales(coco8, tmp_path):
+    def stop_after_first_epoch(trainer):
+        if trainer.epoch == 0:
+            raise KeyboardInterrupt
+
+    model = YOLO("yolov8n.yaml")
+    model.add_callback("on_fit_epoch_end", stop_after_first_epoch)
+    with pytest.raises(KeyboardInterrupt):
+        model.train(trainer=QATDetectionTrainer, data=str(coco8), project=str(tmp_path), name="r",
+                    **{**TRAIN_ARGS, "epochs": 3})
+    last = model.trainer.last
+    saved = torch.load(last, map_location="cpu", weights_only=False)[CKPT_KEY]["state"]
+    saved_scales = {k[: -len(".scale")]: v for k, v in saved.items() if k.endswith(".scale")}
+
+    seen = {}
+
+    def capture(trainer):
+        seen["model"] = _scales(trainer.model)
+        seen["ema"] = _scales(trainer.ema.ema)
+        seen["start"] = trainer.start_epoch
+
+    resumed = YOLO(str(last))
+    resumed.add_callback("on_pretrain_routine_end", capture)
+    resumed.train(trainer=QATDetectionTrainer, resume=True)
+    assert seen["start"] == 1
+    assert set(seen["model"]) == set(saved_scales)
+    for name, value in saved_scales.items():
+        assert torch.equal(seen["model"][name], value), name
+        assert torch.equal(seen["ema"][name], value), name
+    rows = list(csv.DictReader(open(model.trainer.save_dir / "results.csv")))
+    assert len(rows) == 3
+
+
+def test_cli_val_and_predict_on_best(qat_run, coco8, capsys, tmp_path):
+    best = qat_run / "weights" / "best.pt"
+    assert main(["val", f"model={best}", f"data={coco8}", "imgsz=64", "plots=False", f"project={tmp_path}"]) == 0
+    img = next((coco8.parent / "images" / "val").iterdir())
+    assert main(["predict", f"model={best}", f"source={img}", "imgsz=64", "save=False", f"project={tmp_path}"]) == 0
+    model, _ = load_qat_model(best)
+    assert any(isinstance(m, QConv2d) for m in model.modules())
+    results = YOLO(str(best)).predict(str(img), imgsz=64, verbose=False)
+    assert results[0].boxes is not None
+
+
+def test_float_checkpoint_where_qat_is_needed(tmp_path, capsys):
+    from ultralytics.nn.tasks import DetectionModel
+
+    f = tmp_path / "float.pt"
+    torch.save({"model": DetectionModel("yolov8n.yaml", nc=80, verbose=False).half(), "train_args": {}}, f)
+    assert main(["val", f"model={f}"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "float Ultralytics checkpoint" in err and "yolo val" in err
+    assert main(["val", f"model={tmp_path / 'missing.pt'}"]) == 2
+    assert "not found" in capsys.readouterr().err
