@@ -138,10 +138,11 @@ def format_plan(plans: list[LayerPlan], total_convs: int | None = None) -> str:
             continue
         prev = (key, [p.name])
         rows.append(prev)
-    lines = [f"{'layers':<42}{'W bits':>7}{'A bits':>8}  {'weights':<9}{'role'}"]
+    width = max([42] + [len(f"{n[0]} .. {n[-1]} ({len(n)})") if len(n) > 1 else len(n[0]) for _, n in rows]) + 1
+    lines = [f"{'layers':<{width}}{'W bits':>7}{'A bits':>8}  {'weights':<12}{'role'}"]
     for (wb, ab, gran, role), names in rows:
         label = names[0] if len(names) == 1 else f"{names[0]} .. {names[-1]} ({len(names)})"
-        lines.append(f"{label:<42}{wb:>7}{ab if ab is not None else 'float':>8}  {'per-' + gran:<9}{role}")
+        lines.append(f"{label:<{width}}{wb:>7}{ab if ab is not None else 'float':>8}  {'per-' + gran:<12}{role}".rstrip())
     n_w = {b: sum(p.weight_bits == b for p in plans) for b in sorted({p.weight_bits for p in plans})}
     summary = ", ".join(f"{n} at W{b}" for b, n in n_w.items())
     float_acts = sum(p.activation_bits is None for p in plans)
