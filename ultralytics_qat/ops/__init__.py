@@ -1,6 +1,30 @@
-"""Numerical kernels of ultralytics-qat. This package imports nothing else of ours."""
+"""Numerical kernels of ultralytics-qat: LSQ fake quantization and oscillation tracking. Imports nothing else of ours.
 
-from .dispatch import lsq_fake_quantize
+Public entry points (each a ``torch.library`` custom op in the ``ultralytics_qat`` namespace, dispatching to Triton on
+CUDA and to the PyTorch twin elsewhere; see ``backend.py`` for ``ULTRALYTICS_QAT_BACKEND``):
+
+- :func:`lsq_fake_quantize` and its twin/oracle :func:`lsq_fake_quantize_reference`
+- :func:`track_oscillations` and its twin :func:`track_oscillations_reference`, with :func:`init_oscillation_state`
+
+Importing this package never imports triton.
+"""
+
+from .backend import BACKEND_ENV, BackendUnavailableError, has_triton
+from .cpu_compile import CPU_COMPILE_ENV
+from .dispatch import lsq_fake_quantize, track_oscillations
+from .oscillation import OscillationState, init_oscillation_state, track_oscillations_reference
 from .reference import SCALE_EPS, lsq_fake_quantize_reference
 
-__all__ = ["SCALE_EPS", "lsq_fake_quantize", "lsq_fake_quantize_reference"]
+__all__ = [
+    "BACKEND_ENV",
+    "CPU_COMPILE_ENV",
+    "SCALE_EPS",
+    "BackendUnavailableError",
+    "OscillationState",
+    "has_triton",
+    "init_oscillation_state",
+    "lsq_fake_quantize",
+    "lsq_fake_quantize_reference",
+    "track_oscillations",
+    "track_oscillations_reference",
+]

@@ -36,8 +36,11 @@ def _broadcast_scale(scale: torch.Tensor, x: torch.Tensor, ch_axis: int | None) 
     return s.reshape(shape)
 
 
-def pulse_smooth(t: torch.Tensor, delta: float) -> torch.Tensor:
-    """PulseSmooth F(t) of seed 002: t inside, falling linearly to 0 at t = +-0.5 within ``delta`` of it."""
+def pulse_smooth(t: torch.Tensor, delta) -> torch.Tensor:
+    """PulseSmooth F(t) of seed 002: t inside, falling linearly to 0 at t = +-0.5 within ``delta`` of it.
+
+    ``delta`` is a float or a 0-d tensor (the compiled CPU path passes tensors so one graph serves every value).
+    """
     c = (0.5 - delta) / delta
     hi = t >= 0.5 - delta
     lo = t <= -0.5 + delta
@@ -48,43 +51,62 @@ class LSQFakeQuant(torch.autograd.Function):
     """Autograd function of LSQ fake quantization; ``backward`` recomputes from ``x`` instead of storing masks."""
 
     @staticmethod
-    def forward(ctx, x, scale, qn, qp, grad_scale, ch_axis, pulse_delta, dist_k):  # noqa: D102
-        s = _broadcast_scale(scale, x, ch_axis)
-        out = torch.div(x.float(), s).round_().clamp_(qn, qp).mul_(s)
-        ctx.save_for_backward(x, scale)
+    def forward(ctx, x, scale, qn, qp, grad_scale, ch_axis, pulse_delta, dist_k, frozen=None):  # noqa: D102
+        ctx.save_for_backward(x, scale, frozen)
         ctx.args = (qn, qp, grad_scale, ch_axis, pulse_delta, dist_k)
-        return out.to(x.dtype)
+        return lsq_forward(x, scale, qn, qp, ch_axis)
 
     @staticmethod
     def backward(ctx, grad_out):  # noqa: D102
-        x, scale = ctx.saved_tensors
+        x, scale, frozen = ctx.saved_tensors
         qn, qp, grad_scale, ch_axis, pulse_delta, dist_k = ctx.args
-        grad_x, grad_s = lsq_backward(grad_out, x, scale, qn, qp, grad_scale, ch_axis, pulse_delta, dist_k)
-        return grad_x, grad_s, None, None, None, None, None, None
+        grad_x, grad_s = lsq_backward(grad_out, x, scale, qn, qp, grad_scale, ch_axis, pulse_delta, dist_k, frozen)
+        return grad_x, grad_s, None, None, None, None, None, None, None
 
 
-def lsq_backward(grad_out, x, scale, qn, qp, grad_scale, ch_axis=None, pulse_delta=0.0, dist_k=0.0):
-    """Gradients (grad_x, grad_scale) of LSQ fake quantization, recomputed from the input ``x``."""
+def lsq_forward(x: torch.Tensor, scale: torch.Tensor, qn: int, qp: int, ch_axis: int | None = None) -> torch.Tensor:
+    """Forward ``clamp(round(x / s), qn, qp) * s`` in fp32, returned in ``x.dtype`` (4 passes, 1 allocation)."""
     s = _broadcast_scale(scale, x, ch_axis)
-    g = grad_out.float()
+    return torch.div(x.float(), s).round_().clamp_(qn, qp).mul_(s).to(x.dtype)
+
+
+def lsq_backward_terms(g, x, s, qn, qp, pulse_delta, dist_k, frozen, has_pulse, has_dist: bool):
+    """Per-element LSQ gradients in fp32: ``(grad_x, g * t)`` with t the per-element scale-gradient term.
+
+    ``s`` is already clamped and broadcastable; ``qn``, ``qp``, ``pulse_delta`` and ``dist_k`` are numbers or 0-d
+    tensors (the compiled CPU path passes tensors so one graph serves every bit width). The caller reduces ``g * t``.
+    Written without ``masked_fill`` (slow on CPU) and with the clip as explicit masks (see module docstring).
+    """
+    g = g.float()
     v = x.float() / s
-    t = torch.round(v)
-    below, above = t < qn, t > qp
-    t.sub_(v)  # t = r - v, the rounding error in units of s
-    outside = below | above
-    if dist_k:
-        grad_x = g * torch.exp(-dist_k * t.abs())
-        grad_x.masked_fill_(outside, 0.0)
-    else:
-        grad_x = g.masked_fill(outside, 0.0)
-    if pulse_delta:
+    r = torch.round(v)
+    inside = (r >= qn) & (r <= qp)
+    t = r - v  # rounding error in units of s, in [-0.5, 0.5]
+    grad_x = g * torch.exp(-dist_k * t.abs()) if has_dist else g
+    keep = inside if frozen is None else inside & (frozen == 0)
+    grad_x = torch.where(keep, grad_x, 0.0)
+    if isinstance(has_pulse, torch.Tensor):  # 0-d bool tensor: one compiled graph with and without PulseSmooth
+        t = torch.where(has_pulse, pulse_smooth(t, pulse_delta), t)
+    elif has_pulse:
         t = pulse_smooth(t, pulse_delta)
-    t.masked_fill_(below, float(qn)).masked_fill_(above, float(qp))
-    prod = t.mul_(g)
+    t = torch.where(inside, t, r.clamp_(qn, qp))  # qn below the range, qp above
+    return grad_x, t.mul_(g)
+
+
+def lsq_backward(grad_out, x, scale, qn, qp, grad_scale, ch_axis=None, pulse_delta=0.0, dist_k=0.0, frozen=None):
+    """Gradients (grad_x, grad_scale) of LSQ fake quantization, recomputed from the input ``x``.
+
+    ``frozen`` (optional, same shape as ``x``, bool or integer) zeroes grad_x where nonzero; the scale gradient of
+    frozen elements is kept.
+    """
+    s = _broadcast_scale(scale, x, ch_axis)
+    grad_x, prod = lsq_backward_terms(
+        grad_out, x, s, qn, qp, pulse_delta, dist_k, frozen, bool(pulse_delta), bool(dist_k)
+    )
     if ch_axis is None:
         grad_s = prod.sum().reshape(scale.shape)
     else:
-        dims = [d for d in range(x.dim()) if d != ch_axis]
+        dims = [d for d in range(x.dim()) if d != ch_axis % max(x.dim(), 1)]
         grad_s = prod.sum(dim=dims).reshape(scale.shape)
     grad_s.mul_(grad_scale)
     return grad_x.to(x.dtype), grad_s.to(scale.dtype)
@@ -99,6 +121,8 @@ def lsq_fake_quantize_reference(
     ch_axis: int | None = None,
     pulse_delta: float = 0.0,
     dist_k: float = 0.0,
+    *,
+    frozen: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Fake-quantize ``x`` to the grid ``s * [qn, qp]`` with the LSQ gradients (see module docstring).
 
@@ -111,8 +135,12 @@ def lsq_fake_quantize_reference(
         ch_axis: Channel axis of a per-channel scale, None for a per-tensor scale.
         pulse_delta: PulseSmooth width delta in (0, 0.5) for the scale gradient; 0 disables it.
         dist_k: Distance-aware weight-gradient factor k >= 0; 0 disables it.
+        frozen: Optional mask, same shape as ``x`` (bool or integer): grad_x is zero where it is nonzero (weights
+            frozen by oscillation tracking). The forward and the scale gradient are unchanged.
 
     Returns:
         The fake-quantized tensor, same shape and dtype as ``x``.
     """
-    return LSQFakeQuant.apply(x, scale, int(qn), int(qp), float(grad_scale), ch_axis, float(pulse_delta), float(dist_k))
+    return LSQFakeQuant.apply(
+        x, scale, int(qn), int(qp), float(grad_scale), ch_axis, float(pulse_delta), float(dist_k), frozen
+    )

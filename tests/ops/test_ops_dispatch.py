@@ -1,0 +1,146 @@
+"""Dispatch: backend selection, triton-free imports, torch.compile, and the Inductor-compiled CPU backward."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from helpers_ops import assert_lsq_close, grad_s_tol, run
+
+import ultralytics_qat.ops as ops
+from ultralytics_qat.ops import cpu_compile, lsq_fake_quantize, lsq_fake_quantize_reference
+
+ROOT = Path(__file__).resolve().parents[2]
+
+_BLOCK_TRITON = """
+import sys
+sys.modules["triton"] = None  # as if not installed: `import triton` raises, importlib.util.find_spec returns None
+try:
+    import triton
+    raise SystemExit("triton still importable")
+except ImportError:
+    pass
+"""
+
+
+def _python(code: str, **env) -> subprocess.CompletedProcess:
+    full_env = {**os.environ, "PYTHONPATH": str(ROOT), **env}
+    return subprocess.run([sys.executable, "-c", code], env=full_env, capture_output=True, text=True,
+                          timeout=120)  # fmt: skip
+
+
+def test_import_and_cpu_path_without_triton():
+    """With `import triton` failing (as if not installed): ops import, the CPU path runs, `triton` raises clearly."""
+    code = """
+    import os, torch
+    import ultralytics_qat.ops as ops
+    x, s = torch.randn(10, requires_grad=True), torch.tensor([0.1], requires_grad=True)
+    ops.lsq_fake_quantize(x, s, -8, 7, 0.1).sum().backward()
+    assert x.grad is not None and s.grad is not None
+    assert not ops.has_triton()
+    os.environ["ULTRALYTICS_QAT_BACKEND"] = "triton"
+    try:
+        ops.lsq_fake_quantize(x, s, -8, 7, 0.1)
+    except ops.BackendUnavailableError as e:
+        print("ERR", e)
+    assert sys.modules["triton"] is None
+    print("OK")
+    """
+    out = _python(_BLOCK_TRITON + textwrap.dedent(code), ULTRALYTICS_QAT_CPU_COMPILE="off")
+    assert out.returncode == 0, out.stderr
+    assert "OK" in out.stdout and "ERR ULTRALYTICS_QAT_BACKEND=triton cannot run" in out.stdout
+    assert len([ln for ln in out.stdout.splitlines() if ln.startswith("ERR")][0].splitlines()) == 1
+
+
+def test_import_does_not_import_triton_and_cpu_tensor_needs_interpreter():
+    code = """
+    import sys, os, torch
+    import ultralytics_qat.ops as ops
+    assert "triton" not in sys.modules, "importing ops imported triton"
+    os.environ["ULTRALYTICS_QAT_BACKEND"] = "triton"
+    try:
+        ops.lsq_fake_quantize(torch.randn(4), torch.tensor([0.1]), -8, 7, 0.1)
+    except ops.BackendUnavailableError as e:
+        print("ERR", e)
+    """
+    out = _python(textwrap.dedent(code), TRITON_INTERPRET="0")
+    assert out.returncode == 0, out.stderr
+    assert "need a CUDA tensor" in out.stdout
+
+
+def test_invalid_backend_name(monkeypatch):
+    monkeypatch.setenv("ULTRALYTICS_QAT_BACKEND", "cuda")
+    with pytest.raises(ValueError, match="auto, torch, triton"):
+        lsq_fake_quantize(torch.randn(4), torch.tensor([0.1]), -8, 7, 0.1)
+
+
+def test_auto_uses_twin_on_cpu(monkeypatch):
+    """`auto` never interprets kernels on CPU tensors (even with TRITON_INTERPRET=1): it calls the twin."""
+    calls = []
+    monkeypatch.setattr(ops.reference, "lsq_forward", lambda *a: calls.append(a) or torch.zeros(4))
+    lsq_fake_quantize(torch.randn(4), torch.tensor([0.1]), -8, 7, 0.1)
+    assert len(calls) == 1
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_torch_compile_fullgraph(monkeypatch, backend):
+    """LSQ (autograd) and the in-place tracker trace as opaque ops without graph breaks and match eager."""
+    if backend == "triton":
+        pytest.importorskip("triton")
+    monkeypatch.setenv("ULTRALYTICS_QAT_BACKEND", backend)
+    torch._dynamo.reset()
+
+    def step(x, s, w, ws, state):
+        y = lsq_fake_quantize(x, s, 0, 15, 0.05)
+        z = lsq_fake_quantize(w, ws, -8, 7, 0.02, 0, pulse_delta=0.1, frozen=state[2])
+        n = ops.track_oscillations(w.detach(), ws.detach(), -8, 7, *state, momentum=0.1, freeze_threshold=0.01,
+                                   ch_axis=0)  # fmt: skip
+        return (y * y).sum() + (z * z).sum(), n
+
+    x, s = torch.randn(4, 8), torch.tensor([0.1])
+    w, ws = torch.randn(4, 3, 3), torch.full((4,), 0.2)
+    results = []
+    for fn in (torch.compile(step, backend="aot_eager", fullgraph=True), step):
+        leaves = [t.clone().requires_grad_() for t in (x, s, w, ws)]
+        state = ops.init_oscillation_state(w, ws, -8, 7, 0)
+        for _ in range(2):
+            loss, n = fn(*leaves, state)
+            loss.backward()
+        results.append((loss.detach(), n, [t.grad for t in leaves], list(state)))
+    (l1, n1, g1, s1), (l2, n2, g2, s2) = results
+    assert torch.equal(l1, l2) and torch.equal(n1, n2)
+    assert all(torch.equal(a, b) for a, b in zip(g1, g2)) and all(torch.equal(a, b) for a, b in zip(s1, s2))
+
+
+def test_compiled_cpu_backward_matches_twin(monkeypatch):
+    """The Inductor-compiled CPU backward: bitwise forward and grad_x, close grad_s, and it really ran compiled."""
+    monkeypatch.setenv("ULTRALYTICS_QAT_CPU_COMPILE", "sync")
+    n = cpu_compile.MIN_NUMEL
+    cases = [((n + 3,), None, {}), ((8, n // 8 + 5), 0, {}), ((n + 7,), None, dict(pulse_delta=0.15))]
+    for shape, ch_axis, kw in cases:
+        c = 1 if ch_axis is None else shape[ch_axis]
+        x, scale, go = torch.randn(shape) * 2, torch.rand(c) * 0.3 + 0.05, torch.randn(shape)
+        ref = run(lsq_fake_quantize_reference, x, scale, go, -4, 3, 0.01, ch_axis, **kw)
+        out = run(lsq_fake_quantize, x, scale, go, -4, 3, 0.01, ch_axis, **kw)
+        assert_lsq_close(out, ref, grad_s_tol(x, scale, go, 0.01))
+    if cpu_compile._COMPILER.failed:
+        pytest.skip("TorchInductor cannot compile here (e.g. no C++ compiler); the eager fallback was checked")
+    keys = set(cpu_compile._COMPILER.fns)
+    assert {(False, False, torch.float32, None, False), (True, False, torch.float32, None, False)} <= keys
+
+
+def test_compile_failure_falls_back_to_eager(monkeypatch, caplog):
+    compiler = cpu_compile._Compiler()
+    monkeypatch.setattr(compiler, "warm", lambda key: (_ for _ in ()).throw(RuntimeError("no C++ compiler")))
+    monkeypatch.setattr(cpu_compile, "_COMPILER", compiler)
+    monkeypatch.setattr(ops.backend, "_warned", set())
+    monkeypatch.setenv("ULTRALYTICS_QAT_CPU_COMPILE", "sync")
+    x, s, go = torch.randn(cpu_compile.MIN_NUMEL), torch.tensor([0.1]), torch.randn(cpu_compile.MIN_NUMEL)
+    out = run(lsq_fake_quantize, x, s, go, -8, 7, 0.1)
+    assert compiler.failed and not compiler.fns and "no C++ compiler" in caplog.text
+    assert_lsq_close(out, run(lsq_fake_quantize_reference, x, s, go, -8, 7, 0.1), grad_s_tol(x, s, go, 0.1))
