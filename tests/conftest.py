@@ -13,8 +13,7 @@ make_hermetic(_CFG)
 
 import pytest  # noqa: E402
 
-# A short QAT run used by several tests: yolov8n from yaml on the bundled coco8 at a tiny image size.
-TRAIN_ARGS = dict(epochs=2, imgsz=64, batch=4, nbs=4, workers=0, plots=False, val=True, seed=0, deterministic=True)
+from qat_test_utils import TRAIN_ARGS  # noqa: E402
 
 
 @pytest.fixture(scope="session")

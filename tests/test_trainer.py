@@ -6,7 +6,7 @@ import pytest
 import torch
 from ultralytics import YOLO
 
-from conftest import TRAIN_ARGS
+from qat_test_utils import TRAIN_ARGS
 from ultralytics_qat import QATDetectionTrainer
 from ultralytics_qat.checkpoint import load_qat_model
 from ultralytics_qat.cli import main
