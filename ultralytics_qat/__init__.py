@@ -18,6 +18,7 @@ _LAZY = {
     "QATController": "controller",
     "QATDetectionTrainer": "engine",
     "QATDetectionValidator": "engine",
+    "add_qat_callbacks": "engine",
     "load_qat_model": "checkpoint",
     "bundled_coco8": "data",
     "make_shapes_dataset": "data",

@@ -76,6 +76,85 @@ class OptimConfig:
 
 
 @dataclass
+class ScheduleConfig:
+    """Staged bit widths: stage i runs from milestones[i-1] (epoch, 0-based) to milestones[i]."""
+
+    milestones: list = option([], list, "epochs at which the next stage starts, e.g. [2, 4]; [] = one stage")
+    weight_bits: list = option([], list, "weight bits per stage, e.g. [8, 6, 4]; [] = weight.bits throughout")
+    activation_bits: list = option([], list, "activation bits per stage, e.g. [8, 8, 4]; [] = activation.bits throughout")
+    rewarmup_epochs: float = option(0.0, float, "linear LR re-warm-up after each stage step, in epochs", low=0.0)
+
+
+@dataclass
+class EMAConfig:
+    """The EMA model that is validated, saved and exported (latent weights, BN and quantizer scales)."""
+
+    decay: float = option(0.9999, float, "EMA decay (WACV'24 and Ultralytics: 0.9999)", low=0.0, high=1.0)
+    tau: float = option(2000.0, float, "EMA warm-up ramp in optimizer steps (Ultralytics: 2000)", low=1.0)
+
+
+@dataclass
+class EADConfig:
+    """EMA-aware distance (seed 002, IV-B): smooth latent weights by their distance to the grid, and the scales."""
+
+    start_epoch: int | None = option(None, int, "epoch tau from which EAD runs; null = off (paper: the last 20 epochs)", low=0, nullable=True)
+    k: float = option(1.0, float, "alpha = k * |w/s - round(w/s)| (distance in grid steps, alpha bounded below 1)", low=0.0, high=2.0)
+    mu_init: float = option(0.1, float, "initial scale smoothing mu, annealed linearly to 0 at the last epoch", low=0.0, high=1.0)
+
+
+@dataclass
+class BNConfig:
+    """BatchNorm statistics under oscillating weights (ICML'22)."""
+
+    reestimate: bool = option(True, bool, "re-estimate BN statistics of the EMA model before each validation")
+    batches: int = option(50, int, "training batches used per re-estimation (capped at one pass over the data)", low=1)
+    freeze_epoch: int | None = option(None, int, "from this epoch on keep BN in eval mode while training; null = never", low=0, nullable=True)
+
+
+@dataclass
+class OscillationConfig:
+    """Oscillation tracking, dampening and iterative freezing of weights (ICML'22, Nagel et al.)."""
+
+    track: bool = option(True, bool, "track per-weight oscillation frequency of layers with <= max_bits weights")
+    max_bits: int = option(4, int, "only layers at this weight width or lower are tracked", low=2, high=8)
+    momentum: float = option(0.01, float, "EMA momentum m of the oscillation frequency", low=0.0, high=1.0)
+    dampen_lambda: float = option(0.0, float, "final dampening loss weight, cosine-annealed up from 0; 0 = off", low=0.0)
+    dampen_start: float = option(0.25, float, "fraction of training before dampening starts", low=0.0, high=1.0)
+    freeze_threshold: float | None = option(None, float, "initial freezing threshold (paper 0.1); null = no freezing", low=0.0, high=1.0, nullable=True)
+    freeze_final_threshold: float = option(0.01, float, "threshold at the end of training (cosine annealed)", low=0.0, high=1.0)
+    freeze_start: float = option(0.25, float, "fraction of training before freezing starts", low=0.0, high=1.0)
+
+
+@dataclass
+class ScaleGradConfig:
+    """ScaleGrad (seed 002, IV-A): PulseSmooth scale gradient and distance-aware weight gradient."""
+
+    delta: float = option(0.0, float, "PulseSmooth width delta in (0, 0.5); 0 = off", low=0.0, high=0.49)
+    k: float = option(0.0, float, "weight gradient * exp(-k |w/s - round(w/s)|); 0 = off", low=0.0)
+
+
+@dataclass
+class QCConfig:
+    """Quantization Correction (WACV'24): one post-QAT epoch learning per-channel output scale and shift."""
+
+    enabled: bool = option(False, bool, "run QC after the last QAT epoch and fold it into BN")
+    epochs: int = option(1, int, "QC epochs (paper: 1)", low=1)
+    lr: float = option(1e-3, float, "QC learning rate (Adam)", low=0.0)
+
+
+@dataclass
+class AFWConfig:
+    """Adaptive finetuning of frozen oscillating weights (seed 002, IV-C): learned integer offsets in {-1, 0, 1}."""
+
+    enabled: bool = option(False, bool, "run AFW after the last QAT epoch (needs oscillation tracking)")
+    epochs: int = option(1, int, "AFW epochs (paper: 10)", low=1)
+    gamma: float = option(1.1, float, "offset g = clip(gamma * tanh(theta), -1, 1)", low=1.0)
+    lam: float = option(0.1, float, "weight of the regulariser g^2 (1 - g^2)^2", low=0.0)
+    lr: float = option(1e-3, float, "AFW learning rate (Adam)", low=0.0)
+    min_frequency: float = option(0.005, float, "weights oscillating more often than this (or frozen) are finetuned", low=0.0, high=1.0)
+
+
+@dataclass
 class QATConfig:
     """Complete QAT recipe. Build with :meth:`load` (yaml + overrides) or :meth:`from_dict`."""
 
@@ -90,6 +169,14 @@ class QATConfig:
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     amp: bool = option(False, bool, "allow mixed precision during QAT (GPU); quantizers always compute in fp32")
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    ema: EMAConfig = field(default_factory=EMAConfig)
+    ead: EADConfig = field(default_factory=EADConfig)
+    bn: BNConfig = field(default_factory=BNConfig)
+    oscillation: OscillationConfig = field(default_factory=OscillationConfig)
+    scalegrad: ScaleGradConfig = field(default_factory=ScaleGradConfig)
+    qc: QCConfig = field(default_factory=QCConfig)
+    afw: AFWConfig = field(default_factory=AFWConfig)
 
     # ----------------------------------------------------------------------------------------------------------------
     @classmethod
@@ -257,7 +344,30 @@ def _check_value(key: str, value: Any, f, source: str) -> Any:
 _OVERRIDE_KEYS = {"weight_bits", "activation_bits"}
 
 
+def _check_schedule(cfg: QATConfig, source: str) -> None:
+    sch = cfg.schedule
+    stages = len(sch.milestones) + 1
+    ms = sch.milestones
+    if any(not isinstance(m, int) or isinstance(m, bool) or m < 1 for m in ms) or ms != sorted(set(ms)):
+        raise QATConfigError(f"{source}: 'schedule.milestones={ms}' must be increasing epochs >= 1, e.g. [2, 4]")
+    for key in ("weight_bits", "activation_bits"):
+        bits = getattr(sch, key)
+        if not bits:
+            continue
+        if len(bits) != stages:
+            raise QATConfigError(
+                f"{source}: 'schedule.{key}' needs {stages} entries (one per stage: len(milestones) + 1), got {bits}"
+            )
+        if any(not isinstance(b, int) or isinstance(b, bool) or not 2 <= b <= 8 for b in bits):
+            raise QATConfigError(f"{source}: 'schedule.{key}={bits}' must hold bit widths in 2..8")
+    if sch.activation_bits and cfg.activation.bits is None:
+        raise QATConfigError(f"{source}: 'schedule.activation_bits' needs quantized activations; set activation.bits")
+    if (sch.weight_bits or sch.activation_bits) and not ms:
+        raise QATConfigError(f"{source}: a bit schedule needs 'schedule.milestones', e.g. [2, 4] for 3 stages")
+
+
 def _check_overrides(cfg: QATConfig, source: str) -> None:
+    _check_schedule(cfg, source)
     for glob in cfg.exclude:
         if not isinstance(glob, str):
             raise QATConfigError(f"{source}: 'exclude' entries must be glob strings like 'model.22.*', got {glob!r}")

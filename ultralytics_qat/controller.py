@@ -14,6 +14,7 @@ from torch import nn
 
 from .config import QATConfig
 from .quant import LSQQuantizer, QConv2d, format_plan, quantize_model
+from .stabilize import TrainState, build_stabilizers
 from .utils import LOGGER
 
 CKPT_KEY = "qat"  # top-level checkpoint key of the fp32 QAT state
@@ -28,6 +29,18 @@ def quantizers(model: nn.Module) -> list[tuple[str, LSQQuantizer]]:
 def is_qat_model(model: nn.Module) -> bool:
     """True if the model carries ultralytics-qat fake quantizers."""
     return any(isinstance(m, QConv2d) for m in model.modules())
+
+
+def sync_integer_state(src: nn.Module, dst: nn.Module) -> None:
+    """Copy non-float buffers (grids, flags, tracker state) from ``src`` to ``dst``: the EMA averages floats only."""
+    dst_buffers = dict(unwrap(dst).named_buffers())
+    with torch.no_grad():
+        for name, b in unwrap(src).named_buffers():
+            if not b.is_floating_point() and name in dst_buffers:
+                dst_buffers[name].copy_(b)
+    for _, q in quantizers(unwrap(dst)):
+        q.bits, q.qn, q.qp = (int(v) for v in q.qrange.tolist())
+        q._initialized = bool(q.initialized)
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -52,6 +65,7 @@ class QATController:
     def __init__(self, config: QATConfig | str | dict | None = None, overrides: dict | None = None):
         self.config = QATConfig.load(config, overrides)
         self.plans = []
+        self.stabilizers = build_stabilizers(self.config)
 
     # -- surgery -----------------------------------------------------------------------------------------------------
     def prepare(self, model: nn.Module, verbose: bool = True) -> nn.Module:
@@ -59,9 +73,40 @@ class QATController:
         total = sum(isinstance(m, nn.Conv2d) for m in model.modules())
         self.plans = quantize_model(model, self.config)
         model.qat_config = self.config.to_dict()  # pickled with the model, so a checkpoint knows its recipe
+        for st in self.stabilizers:
+            st.attach(model)
         if verbose:
             LOGGER.info("QAT: fake quantizers inserted\n" + format_plan(self.plans, total))
         return model
+
+    def set_config(self, config: QATConfig) -> None:
+        """Replace the config (e.g. by a checkpoint's own) before :meth:`prepare`."""
+        self.config = config
+        self.stabilizers = build_stabilizers(config)
+
+    # -- training events ---------------------------------------------------------------------------------------------
+    def run(self, event: str, state: TrainState) -> None:
+        """Call hook ``event`` of every stabilizer (see :class:`ultralytics_qat.stabilize.Stabilizer`)."""
+        for st in self.stabilizers:
+            getattr(st, event)(state)
+
+    def epoch_end(self, state: TrainState, final: bool) -> None:
+        """End of a training epoch, before validation: stabilizer logs, post-QAT stages, EMA sync, BN re-estimation."""
+        self.run("on_epoch_end", state)
+        self.log_scales(state)
+        if final:
+            self.run("post_qat", state)
+        if state.ema is not None:
+            sync_integer_state(state.model, state.ema)
+        self.run("before_validation", state)
+
+    @staticmethod
+    def log_scales(state: TrainState) -> None:
+        """Mean learned scale (relative to its value at the epoch start) as a drift indicator, per kind."""
+        for kind in ("weight", "activation"):
+            vals = [q.scale.detach().float().mean() for _, q in quantizers(unwrap(state.model)) if q.kind == kind]
+            if vals:
+                state.log[f"qat/{kind}_scale_mean"] = float(torch.stack(vals).mean())
 
     # -- calibration -------------------------------------------------------------------------------------------------
     def needs_calibration(self, model: nn.Module) -> bool:

@@ -9,18 +9,17 @@ for a DDP launch, carried into the workers through the pickled args, where the w
 
 from __future__ import annotations
 
-import io
 from contextlib import contextmanager
 from copy import copy
 
-import torch
 from ultralytics.models.yolo.detect import DetectionTrainer
 from ultralytics.utils import DEFAULT_CFG, LOGGER, RANK
 
 from ..checkpoint import restore_exact
 from ..config import QATConfig
-from ..controller import CKPT_KEY, QATController, is_qat_model, unwrap
+from ..controller import CKPT_KEY, QATController, is_qat_model
 from ..errors import QATCheckpointError
+from .callbacks import QATCallbacks
 from .validator import QATDetectionValidator
 
 
@@ -55,7 +54,7 @@ class QATDetectionTrainer(DetectionTrainer):
                 LOGGER.info("QAT: qat.amp=false switches Ultralytics AMP off (set qat.amp=true to keep it)")
             overrides["amp"] = False
         super().__init__(cfg, overrides, _callbacks)
-        self.add_callback("on_pretrain_routine_end", _calibrate_and_sync_ema)
+        QATCallbacks(self.qat).register(self)
 
     # -- model -------------------------------------------------------------------------------------------------------
     def get_model(self, cfg=None, weights=None, verbose=True):
@@ -80,7 +79,7 @@ class QATDetectionTrainer(DetectionTrainer):
                 "the model is a QAT checkpoint trained with a different qat config; drop qat=... to continue with "
                 "its own config, or start from the float model"
             )
-        self.qat.config = saved
+        self.qat.set_config(saved)
 
     def get_validator(self):
         """A QAT-aware validator (loads QAT checkpoints exactly for the final evaluation)."""
@@ -93,22 +92,7 @@ class QATDetectionTrainer(DetectionTrainer):
         self.qat.add_scale_group(optimizer, model)
         return optimizer
 
-    # -- checkpoints -------------------------------------------------------------------------------------------------
-    def save_model(self):
-        """Ultralytics' checkpoint plus the fp32 QAT state of the EMA model under ``ckpt["qat"]``."""
-        super().save_model()
-        ckpt = torch.load(self.last, map_location="cpu", weights_only=False)
-        ckpt[CKPT_KEY] = self.qat.checkpoint_entry(self.ema.ema)
-        buffer = io.BytesIO()
-        torch.save(ckpt, buffer)
-        data = buffer.getvalue()
-        self.last.write_bytes(data)
-        if self.best_fitness == self.fitness:
-            self.best.write_bytes(data)
-        if (self.save_period > 0) and (self.epoch % self.save_period == 0):
-            (self.wdir / f"epoch{self.epoch}.pt").write_bytes(data)
-        return True
-
+    # -- checkpoints (the fp32 QAT entry is written by QATCallbacks.on_model_save) ----------------------------------
     def _load_checkpoint_state(self, ckpt):
         """Resume (and NaN recovery): Ultralytics' state, then the exact fp32 QAT state into model and EMA."""
         super()._load_checkpoint_state(ckpt)
@@ -137,21 +121,3 @@ class QATDetectionTrainer(DetectionTrainer):
             yield self.args
         finally:
             del self.args.qat
-
-
-def _calibrate_and_sync_ema(trainer) -> None:
-    """on_pretrain_routine_end: initialise scales from training batches, then make the EMA match the model.
-
-    Runs after the optimizer and EMA exist (Ultralytics builds both before this event). A resumed or QAT-checkpoint
-    model has all scales already and is left untouched.
-    """
-    qat: QATController = trainer.qat
-    if not qat.needs_calibration(trainer.model):
-        return
-
-    def images():
-        for batch in trainer.train_loader:
-            yield trainer.preprocess_batch(batch)["img"]
-
-    qat.calibrate(trainer.model, images())
-    trainer.ema.ema.load_state_dict(unwrap(trainer.model).state_dict())

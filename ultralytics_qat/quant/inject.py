@@ -124,6 +124,8 @@ def quantize_model(model: nn.Module, cfg: QATConfig) -> list[LayerPlan]:
         if p.activation_bits is not None:
             grid = "unsigned" if p.role == "first" and cfg.activation.grid == "auto" else cfg.activation.grid
             aq = LSQQuantizer(p.activation_bits, "activation", 1, grid=grid, init=cfg.activation.init)
+            aq.scheduled = not p.role
+        wq.scheduled = not p.role
         setattr(modules[parent_name], attr, QConv2d.from_conv(conv, wq, aq))
     return plans
 

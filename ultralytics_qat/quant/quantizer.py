@@ -82,6 +82,10 @@ class LSQQuantizer(nn.Module):
         self._observer: _RangeObserver | None = None
         self._set_grid(bits, *self._default_grid(bits))
         self._initialized = False
+        self.pulse_delta = 0.0  # ScaleGrad options, set by the controller from qat.scalegrad
+        self.dist_k = 0.0
+        self.scheduled = False  # follows the bit schedule (layers at the default width)
+        self.tracker: nn.Module | None = None  # weights: oscillation tracker attached by ultralytics_qat.stabilize
 
     # -- grid bookkeeping --------------------------------------------------------------------------------------------
     @property
@@ -117,7 +121,41 @@ class LSQQuantizer(nn.Module):
                 "a fake quantizer ran before calibration; call QATController.calibrate(...) "
                 "(QATDetectionTrainer and add_qat_callbacks do it before training)"
             )
-        return lsq_fake_quantize(x, self.scale, self.qn, self.qp, self.grad_scale(x.numel()), 0 if self.per_channel else None)
+        if self.tracker is not None:  # freezing, tracking and dampening act on the latent weight first
+            x = self.tracker.pre_quantize(x, self)
+        return lsq_fake_quantize(
+            x, self.scale, self.qn, self.qp, self.grad_scale(x.numel()), 0 if self.per_channel else None,
+            self.pulse_delta, self.dist_k if self.kind == "weight" else 0.0,
+        )
+
+    def quantized_int(self, x: torch.Tensor) -> torch.Tensor:
+        """Integer codes clamp(round(x / s)) as float, without gradient (for trackers, export and tests)."""
+        with torch.no_grad():
+            s = self.scale.detach().clamp_min(1e-8)
+            s = s.view(-1, *([1] * (x.dim() - 1))) if self.per_channel else s.reshape(())
+            return torch.clamp(torch.round(x.detach().float() / s), self.qn, self.qp)
+
+    @torch.no_grad()
+    def set_bits(self, bits: int, weight: torch.Tensor | None = None) -> None:
+        """Move to a new bit width, keeping the same Parameter (optimizer state and EMA pairing stay valid).
+
+        Weights are re-initialised from ``weight`` with the configured method; activations keep their float clip
+        range [qn*s, qp*s] and get the grid of the new width over it. An uninitialised quantizer only changes grid.
+        """
+        bits = int(bits)
+        if bits == self.bits:
+            return
+        if not self._initialized:
+            self._set_grid(bits, *self._default_grid(bits))
+            return
+        if self.kind == "weight":
+            self._set_grid(bits, *self._default_grid(bits))
+            self.init_weight(weight)
+        else:
+            s = self.scale.detach().float().clamp_min(1e-8)
+            lo, hi = float(self.qn * s), float(self.qp * s)
+            self._set_grid(bits, self.qn, self.qp)  # bits first: init_activation reads self.bits
+            self.init_activation(lo, hi)
 
     # -- initialisation ----------------------------------------------------------------------------------------------
     def start_observing(self) -> None:
