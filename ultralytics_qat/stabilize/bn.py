@@ -8,6 +8,7 @@ plain average over a few training batches.
 from __future__ import annotations
 
 from collections.abc import Iterable
+from itertools import islice
 
 import torch
 from torch import nn
@@ -44,11 +45,9 @@ def reestimate_bn(model: nn.Module, images: Iterable[torch.Tensor], batches: int
         bn.train()
     seen = 0
     try:
-        for img in TQDM(images, total=batches, desc=desc, leave=False):
+        for img in TQDM(islice(images, batches), total=batches, desc=desc, leave=False):
             model(img)
             seen += 1
-            if seen >= batches:
-                break
     finally:
         for bn, m in zip(bns, momenta):
             bn.momentum = m
