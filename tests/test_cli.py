@@ -28,7 +28,9 @@ def test_grammar_matches_yolo():
         (["train", "qat.exclude=[model.99.*]", "epochs=1", "imgsz=32"], "matches no quantizable conv"),
         (["fly"], "unexpected argument 'fly'"),
         (["val"], "val needs model="),
-        (["val", "model=best.onnx"], "not a PyTorch checkpoint"),
+        (["val", "model=best.txt"], "not a PyTorch checkpoint"),
+        (["val", "model=missing.onnx"], "not found"),
+        (["train", "resume", "model=missing.pt"], "could not be loaded"),
     ],
 )
 def test_bad_input_gives_one_line_errors(argv, needle, capsys, coco8):

@@ -3,6 +3,7 @@
     yolo-qat train model=yolov8n.pt data=coco8.yaml epochs=20 qat=qat.yaml qat.weight.bits=3
     yolo-qat val model=runs/detect/train/weights/best.pt
     yolo-qat predict model=runs/detect/train/weights/best.pt source=path/to/images
+    yolo-qat export model=runs/detect/train/weights/best.pt format=onnx
     yolo-qat train                    # the bundled demo: yolov8n.yaml on coco8, default qat.yaml, offline
 
 Ultralytics' ``yolo`` rejects unknown keys and has no plugin hook, so this is the plugin's ``yolo train`` rather than
@@ -15,7 +16,7 @@ import os
 import re
 import sys
 
-MODES = ("train", "val", "predict")
+MODES = ("train", "val", "predict", "export")
 DEMO = {"model": "yolov8n.yaml", "epochs": 10, "imgsz": 160, "batch": 4, "nbs": 4, "workers": 0, "name": "qat-demo"}
 HELP = f"""Usage: yolo-qat MODE [key=value ...] [qat=qat.yaml] [qat.<key>=value ...]
 
@@ -49,15 +50,23 @@ def parse_args(argv: list[str]) -> tuple[str, dict]:
                 pairs[k] = _yaml_value(k, v)
             else:
                 pairs[k] = v if k in {"name", "project"} and v.lower() != "none" else smart_value(v)
-        elif arg in MODES:
-            if mode is not None:
-                raise CLIError(f"two modes given ('{mode}' and '{arg}'); pass exactly one of {', '.join(MODES)}")
+        elif arg in MODES and mode is None:
             mode = arg
+        elif arg in MODES:
+            raise CLIError(f"two modes given ('{mode}' and '{arg}'); pass exactly one of {', '.join(MODES)}")
+        elif _is_bool_flag(arg):  # `yolo train resume` style: a bare boolean argument means True
+            pairs[arg] = True
         else:
             raise CLIError(f"unexpected argument '{arg}'; pass a mode ({', '.join(MODES)}) and key=value pairs")
     if mode is None:
         raise CLIError(f"no mode given; start with one of {', '.join(MODES)}, e.g. 'yolo-qat train qat=qat.yaml'")
     return mode, pairs
+
+
+def _is_bool_flag(arg: str) -> bool:
+    from ultralytics.utils import DEFAULT_CFG_DICT
+
+    return isinstance(DEFAULT_CFG_DICT.get(arg), bool)
 
 
 def _yaml_value(key: str, text: str):
@@ -102,11 +111,17 @@ def _train(args: dict) -> None:
             block = yaml.safe_load(f) or {}
         qat = block.pop("qat", qat) if qat is None else qat
         rest = {**block, **rest}
-    if "data" not in rest:
+    if "data" not in rest and not rest.get("resume"):
         rest["data"] = str(bundled_coco8())
     model = rest.pop("model", DEMO["model"])
     _check_ultralytics_args(rest)
-    yolo = YOLO(model)
+    try:
+        yolo = YOLO(model)
+    except (FileNotFoundError, ConnectionError, OSError) as e:
+        raise CLIError(
+            f"model '{model}' could not be loaded ({type(e).__name__}); pass an existing .pt or a model .yaml such as "
+            "yolov8n.yaml (offline runs cannot download weights by name)"
+        ) from None
     yolo.train(trainer=QATDetectionTrainer, qat=qat, **{f"qat.{k}": v for k, v in dotted.items()}, **rest)
     save_dir = yolo.trainer.save_dir
     print(f"\nQAT weights: {save_dir}/weights/best.pt\nValidate:    yolo-qat val model={save_dir}/weights/best.pt")
@@ -119,6 +134,13 @@ def _val(args: dict) -> None:
     if "model" not in args:
         raise CLIError("val needs model=path/to/best.pt (a yolo-qat checkpoint)")
     _check_ultralytics_args(args)
+    if str(args["model"]).endswith(".onnx"):  # a yolo-qat export: plain Ultralytics runs it
+        from ultralytics import YOLO
+
+        if not os.path.isfile(args["model"]):
+            raise CLIError(f"model '{args['model']}' not found; export one with 'yolo-qat export model=best.pt'")
+        YOLO(args.pop("model")).val(**args)
+        return
     yolo = load_qat_yolo(args.pop("model"), hint="yolo val")
     yolo.val(validator=QATDetectionValidator, **args)
 
@@ -132,6 +154,19 @@ def _predict(args: dict) -> None:
     yolo = load_qat_yolo(args.pop("model"), hint="yolo predict")
     args.setdefault("save", True)
     yolo.predict(**args)
+
+
+def _export(args: dict) -> None:
+    from .export import export
+
+    if "model" not in args:
+        raise CLIError("export needs model=path/to/best.pt (a yolo-qat checkpoint)")
+    _check_ultralytics_args(args)
+    extra = sorted(set(args) - {"model", "format", "imgsz", "opset"})
+    if extra:
+        raise CLIError(f"'{extra[0]}' is not supported by export; it takes model, format, imgsz and opset")
+    f = export(args.pop("model"), **args)
+    print(f"\nQAT ONNX:  {f}\nValidate:  yolo-qat val model={f} data=...")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -150,15 +185,15 @@ def main(argv: list[str] | None = None) -> int:
         from .utils import make_hermetic
 
         make_hermetic()  # before Ultralytics is imported: no DNS probe, no font or version downloads
-    from .errors import QATError
+    from .errors import BackendUnavailableError, QATError
 
     try:
         mode, args = parse_args(argv)
         if demo:
             args = dict(DEMO)
             print("yolo-qat: running the bundled demo (yolov8n.yaml on coco8, default qat.yaml, offline)")
-        {"train": _train, "val": _val, "predict": _predict}[mode](args)
-    except (CLIError, QATError) as e:
+        {"train": _train, "val": _val, "predict": _predict, "export": _export}[mode](args)
+    except (CLIError, QATError, BackendUnavailableError) as e:
         print(f"yolo-qat: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -20,5 +20,6 @@ class QuantizerNotInitializedError(QATError, RuntimeError):
     """A quantizer ran forward before its scale was initialised by calibration."""
 
 
-class BackendUnavailableError(QATError, RuntimeError):
-    """An explicitly requested kernel backend (e.g. Triton) cannot run here."""
+# Raised by the kernel dispatch (``ULTRALYTICS_QAT_BACKEND=triton`` where Triton cannot run); defined in ``ops``,
+# which imports nothing else of ours, and re-exported here so callers find every error in one place.
+from .ops.backend import BackendUnavailableError  # noqa: E402,F401
