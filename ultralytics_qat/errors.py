@@ -16,6 +16,10 @@ class QATCheckpointError(QATError, ValueError):
     """A checkpoint is missing, unreadable, or of the wrong kind (e.g. a float model where a QAT one is needed)."""
 
 
+class QATExportError(QATError, ValueError):
+    """A checkpoint cannot be exported as asked (format, opset, missing export extra, unexportable layer)."""
+
+
 class QuantizerNotInitializedError(QATError, RuntimeError):
     """A quantizer ran forward before its scale was initialised by calibration."""
 
