@@ -134,3 +134,33 @@ def test_observer_mse_calibration_and_state_dict_round_trip():
     fresh.load_state_dict(q.state_dict())
     assert (fresh.bits, fresh.qn, fresh.qp, fresh._initialized) == (4, q.qn, q.qp, True)
     assert torch.equal(fresh(x), q(x))
+
+
+@pytest.mark.parametrize("groups,stride", [(1, 1), (4, 2)])
+def test_fused_conv_matches_unfused_and_saves_one_activation(groups, stride):
+    from ultralytics_qat.ops import lsq_conv2d
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 8, 9, 9) * 2
+    w = torch.randn(8, 8 // groups, 3, 3) * 0.2
+    b = torch.randn(8)
+    s = torch.tensor([0.3])
+    go = torch.randn(2, 8, (9 + 2 - 3) // stride + 1, (9 + 2 - 3) // stride + 1)
+
+    def grads(fused):
+        xx, ww, bb, ss = (t.clone().requires_grad_() for t in (x, w, b, s))
+        if fused:
+            y = lsq_conv2d(xx, ss, -1, 14, 0.01, ww, bb, (stride, stride), (1, 1), (1, 1), groups)
+        else:
+            q = lsq_fake_quantize(xx, ss, -1, 14, 0.01)
+            y = torch.nn.functional.conv2d(q, ww, bb, stride, 1, 1, groups)
+        y.backward(go)
+        return y.detach(), xx.grad, ww.grad, bb.grad, ss.grad
+
+    for a, r in zip(grads(True), grads(False)):
+        torch.testing.assert_close(a, r, rtol=1e-5, atol=1e-5)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
+        xx = x.clone().requires_grad_()
+        lsq_conv2d(xx, s.clone().requires_grad_(), -1, 14, 0.01, w, b, (stride, stride), (1, 1), (1, 1), groups)
+    assert sum(n == x.numel() for n in saved) == 1  # only x, not also its fake-quantized copy

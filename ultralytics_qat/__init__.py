@@ -20,6 +20,7 @@ _LAZY = {
     "QATDetectionValidator": "engine",
     "add_qat_callbacks": "engine",
     "load_qat_model": "checkpoint",
+    "export_onnx": "export",
     "bundled_coco8": "data",
     "make_shapes_dataset": "data",
     "make_hermetic": "utils",

@@ -4,6 +4,7 @@ Public entry points (each a ``torch.library`` custom op in the ``ultralytics_qat
 CUDA and to the PyTorch twin elsewhere; see ``backend.py`` for ``ULTRALYTICS_QAT_BACKEND``):
 
 - :func:`lsq_fake_quantize` and its twin/oracle :func:`lsq_fake_quantize_reference`
+- :func:`lsq_conv2d`: input fake quantization fused with its conv (saves memory in training)
 - :func:`track_oscillations` and its twin :func:`track_oscillations_reference`, with :func:`init_oscillation_state`
 
 Importing this package never imports triton.
@@ -12,6 +13,7 @@ Importing this package never imports triton.
 from .backend import BACKEND_ENV, BackendUnavailableError, has_triton
 from .cpu_compile import CPU_COMPILE_ENV
 from .dispatch import lsq_fake_quantize, track_oscillations
+from .fused_conv import lsq_conv2d
 from .oscillation import OscillationState, init_oscillation_state, track_oscillations_reference
 from .reference import SCALE_EPS, lsq_fake_quantize_reference
 
@@ -23,6 +25,7 @@ __all__ = [
     "OscillationState",
     "has_triton",
     "init_oscillation_state",
+    "lsq_conv2d",
     "lsq_fake_quantize",
     "lsq_fake_quantize_reference",
     "track_oscillations",

@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..ops import lsq_conv2d
 from .quantizer import LSQQuantizer
 
 
@@ -73,6 +74,21 @@ class QConv2d(nn.Conv2d):
         return _FoldableRange(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.input_fake_quant is not None:
-            x = self.input_fake_quant(x)
-        return self._conv_forward(x, self.weight_fake_quant(self.weight), self.bias)
+        w = self.weight_fake_quant(self.weight)
+        aq = self.input_fake_quant
+        if aq is None:
+            return self._conv_forward(x, w, self.bias)
+        if self._fusable(x, aq):  # training: save only x, not also its fake-quantized copy
+            return lsq_conv2d(x, aq.scale, aq.qn, aq.qp, aq.grad_scale(x.numel()), w, self.bias, self.stride,
+                              self.padding, self.dilation, self.groups, aq.pulse_delta)
+        return self._conv_forward(aq(x), w, self.bias)
+
+    def _fusable(self, x: torch.Tensor, aq: LSQQuantizer) -> bool:
+        return (
+            torch.is_grad_enabled()
+            and aq._initialized
+            and aq._observer is None
+            and self.padding_mode == "zeros"
+            and not isinstance(self.padding, str)
+            and not torch.is_autocast_enabled(x.device.type)
+        )
