@@ -97,7 +97,10 @@ class EMAConfig:
 class EADConfig:
     """EMA-aware distance (seed 002, IV-B): smooth latent weights by their distance to the grid, and the scales."""
 
-    start_epoch: int | None = option(None, int, "epoch tau from which EAD runs; null = off (paper: the last 20 epochs)", low=0, nullable=True)
+    start: float | None = option(
+        None, float, "fraction of training after which EAD runs (paper: last 20 of 100 epochs = 0.8); null = off",
+        low=0.0, high=1.0, nullable=True,
+    )
     k: float = option(1.0, float, "alpha = k * |w/s - round(w/s)| (distance in grid steps, alpha bounded below 1)", low=0.0, high=2.0)
     mu_init: float = option(0.1, float, "initial scale smoothing mu, annealed linearly to 0 at the last epoch", low=0.0, high=1.0)
 
@@ -117,7 +120,7 @@ class OscillationConfig:
 
     track: bool = option(True, bool, "track per-weight oscillation frequency of layers with <= max_bits weights")
     max_bits: int = option(4, int, "only layers at this weight width or lower are tracked", low=2, high=8)
-    momentum: float = option(0.01, float, "EMA momentum m of the oscillation frequency", low=0.0, high=1.0)
+    momentum: float = option(0.01, float, "EMA momentum m of the oscillation frequency", low=1e-6, high=1.0)
     dampen_lambda: float = option(0.0, float, "final dampening loss weight, cosine-annealed up from 0; 0 = off", low=0.0)
     dampen_start: float = option(0.25, float, "fraction of training before dampening starts", low=0.0, high=1.0)
     freeze_threshold: float | None = option(None, float, "initial freezing threshold (paper 0.1); null = no freezing", low=0.0, high=1.0, nullable=True)

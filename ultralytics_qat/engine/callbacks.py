@@ -38,6 +38,7 @@ class QATCallbacks:
         self.surgery = surgery
         self.batch = 0
         self.log: dict = {}
+        self.columns: list | None = None  # qat/* keys of the first epoch: results.csv's header is written once
 
     def register(self, owner) -> None:
         """Add the handlers to ``owner`` (a trainer or a ``YOLO`` model), ahead of logger callbacks where it matters."""
@@ -103,7 +104,16 @@ class QATCallbacks:
         """Post-QAT stages in the last epoch, BN re-estimation of the EMA, and qat/* scalars for the loggers."""
         final = trainer.epoch + 1 >= trainer.epochs
         self.qat.epoch_end(self.state(trainer), final=final)
-        trainer.lr.update(self.log)  # trainer.lr is saved to results.csv and logged to TensorBoard
+        trainer.lr.update(self.csv_row())  # trainer.lr is saved to results.csv and logged to TensorBoard
+
+    def csv_row(self) -> dict:
+        """This epoch's qat/* scalars with the first epoch's keys, in its order (NaN where a value is missing).
+
+        Ultralytics writes results.csv's header from the first row only, so the columns must never change.
+        """
+        if self.columns is None:
+            self.columns = list(self.log)
+        return {k: float(self.log.get(k, float("nan"))) for k in self.columns}
 
     def on_model_save(self, trainer) -> None:
         """Add the fp32 QAT state of the EMA to the checkpoints Ultralytics just wrote (it pickles them in fp16)."""

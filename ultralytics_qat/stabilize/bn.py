@@ -62,12 +62,13 @@ class BatchNormStabilizer(Stabilizer):
         reestimate: Re-estimate before each validation (and so before every checkpoint is written).
         batches: Batches per re-estimation, capped at one pass over the training data.
         freeze_epoch: From this epoch on, BN layers of the training model stay in eval mode; None = never.
+        skip_final: Skip the re-estimation of the last epoch (when QC already re-estimated and then corrected BN).
     """
 
     name = "bn"
 
-    def __init__(self, reestimate: bool = True, batches: int = 50, freeze_epoch: int | None = None):
-        self.reestimate, self.batches, self.freeze_epoch = reestimate, batches, freeze_epoch
+    def __init__(self, reestimate: bool = True, batches: int = 50, freeze_epoch: int | None = None, skip_final: bool = False):
+        self.reestimate, self.batches, self.freeze_epoch, self.skip_final = reestimate, batches, freeze_epoch, skip_final
 
     def on_batch_start(self, state: TrainState) -> None:
         # Ultralytics calls model.train() after on_train_epoch_start, so freezing must happen per batch
@@ -76,6 +77,8 @@ class BatchNormStabilizer(Stabilizer):
                 bn.eval()
 
     def before_validation(self, state: TrainState) -> None:
+        if self.skip_final and state.epoch + 1 >= state.epochs:
+            return
         if self.reestimate and state.ema is not None and state.batches is not None:
             n = reestimate_bn(state.ema, state.images(), min(self.batches, state.batches_per_epoch))
             state.log["qat/bn_reestimate_batches"] = float(n)

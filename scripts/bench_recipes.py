@@ -1,0 +1,167 @@
+"""Recipe benchmark: does each QAT recipe keep the FP accuracy at W4A4 and W3A3, and does plain QAT collapse?
+
+On the synthetic shapes dataset, on CPU:
+1. train a float yolov8n from its yaml (the FP reference);
+2. fine-tune it with each recipe in ``ultralytics_qat/cfg/recipes`` at W4A4 and W3A3 (AdamW, low LR, no mosaic);
+3. PTQ: calibrate the scales and validate, no training;
+4. scratch W4A16 QAT from the yaml with Ultralytics' default hyperparameters (the seed's failing setting).
+It prints one table: final and best mAP50-95, percent of FP retained (final), epoch of the best, a collapse flag
+(final below 90% of best), the fraction of oscillating weights at the end, and wall time.
+
+    python scripts/bench_recipes.py --quick            # < 10 min on 2 cores
+    python scripts/bench_recipes.py                    # the full run (BENCHMARKS.md)
+    python scripts/bench_recipes.py --seeds 0 1 2      # seed spread
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+MAP = "metrics/mAP50-95(B)"
+
+PROFILES = {
+    "quick": dict(n_train=128, n_val=32, imgsz=128, fp_epochs=60, qat_epochs=5, scratch_epochs=30, batch=16),
+    "full": dict(n_train=256, n_val=64, imgsz=160, fp_epochs=100, qat_epochs=15, scratch_epochs=60, batch=16),
+}
+RECIPES = ["lsq", "wacv24", "icml22", "scalegrad", "stable"]
+
+
+def results(save_dir: Path) -> list[dict]:
+    """Rows of an Ultralytics results.csv, numbers parsed."""
+    with open(save_dir / "results.csv") as f:
+        return [{k.strip(): float(v) for k, v in row.items() if v not in ("", None)} for row in csv.DictReader(f)]
+
+
+def summarize(name: str, save_dir: Path, fp_map: float | None, wall: float) -> dict:
+    rows = results(save_dir)
+    maps = [r.get(MAP, 0.0) for r in rows]
+    best = max(maps)
+    final = maps[-1]
+    return {
+        "run": name,
+        "final": final,
+        "best": best,
+        "retained": 100 * final / fp_map if fp_map else None,
+        "best_epoch": maps.index(best) + 1,
+        "epochs": len(maps),
+        "collapse": final < 0.9 * best,
+        "osc": rows[-1].get("qat/osc_frac"),
+        "curve": maps,
+        "wall_s": wall,
+    }
+
+
+def train(tag: str, work: Path, trainer=None, **kw) -> tuple[Path, float]:
+    from ultralytics import YOLO
+
+    model = YOLO(kw.pop("model"))
+    t = time.perf_counter()
+    model.train(trainer=trainer, project=str(work / "runs"), name=tag, exist_ok=True, plots=False, workers=0,
+                verbose=False, **kw)
+    return Path(model.trainer.save_dir), time.perf_counter() - t
+
+
+def ptq(fp_weights: Path, data: str, bits: int, prof: dict, work: Path) -> dict:
+    """Calibrate only: build the QAT model from the FP weights, calibrate, validate (no training)."""
+    from ultralytics_qat import QATDetectionTrainer, QATDetectionValidator
+
+    t = time.perf_counter()
+    trainer = QATDetectionTrainer(overrides=dict(
+        model=str(fp_weights), data=data, imgsz=prof["imgsz"], batch=prof["batch"], epochs=1, workers=0,
+        plots=False, project=str(work / "runs"), name=f"ptq-w{bits}", exist_ok=True,
+        **{"qat.weight.bits": bits, "qat.activation.bits": bits}))
+    trainer._setup_train()  # builds the model from the FP weights, quantizes, and calibrates (on_pretrain_routine_end)
+    validator = QATDetectionValidator(args=dict(data=data, imgsz=prof["imgsz"], batch=prof["batch"], plots=False,
+                                                verbose=False, project=str(work / "runs"), name=f"ptq-val-w{bits}"))
+    m = validator(model=trainer.ema.ema).get(MAP, 0.0)
+    return {"run": f"ptq w{bits}a{bits}", "final": m, "best": m, "best_epoch": 0, "epochs": 0, "collapse": False,
+            "osc": None, "curve": [m], "wall_s": time.perf_counter() - t}
+
+
+def run_seed(seed: int, prof: dict, work: Path, recipes: list[str], bits_list: list[int]) -> list[dict]:
+    from ultralytics.models.yolo.detect import DetectionTrainer
+
+    from ultralytics_qat import QATDetectionTrainer
+    from ultralytics_qat.data import make_shapes_dataset
+
+    data = str(make_shapes_dataset(work / "shapes", prof["n_train"], prof["n_val"], prof["imgsz"], seed=0))
+    # nbs = batch: one optimizer step per batch (Ultralytics would otherwise accumulate 64 images per step)
+    common = dict(data=data, imgsz=prof["imgsz"], batch=prof["batch"], nbs=prof["batch"], seed=seed, deterministic=True)
+    out = []
+    fp_dir, wall = train(f"fp-s{seed}", work, DetectionTrainer, model="yolov8n.yaml", epochs=prof["fp_epochs"], **common)
+    fp = summarize("fp", fp_dir, None, wall)
+    fp_map = fp["best"]
+    fp["retained"] = 100.0
+    out.append(fp)
+    fp_weights = fp_dir / "weights" / "best.pt"
+    finetune = dict(optimizer="AdamW", lr0=2e-4, warmup_epochs=0, mosaic=0.0, close_mosaic=0, **common)
+    for bits in bits_list:
+        out.append({**ptq(fp_weights, data, bits, prof, work), "retained": None})
+        out[-1]["retained"] = 100 * out[-1]["final"] / fp_map if fp_map else None
+        for recipe in recipes:
+            d, wall = train(f"{recipe}-w{bits}-s{seed}", work, QATDetectionTrainer, model=str(fp_weights),
+                            epochs=prof["qat_epochs"], qat=recipe, **finetune,
+                            **{"qat.weight.bits": bits, "qat.activation.bits": bits})
+            out.append(summarize(f"{recipe} w{bits}a{bits}", d, fp_map, wall))
+    d, wall = train(f"scratch-w4a16-s{seed}", work, QATDetectionTrainer, model="yolov8n.yaml",
+                    epochs=prof["scratch_epochs"], qat="lsq", **common,
+                    **{"qat.weight.bits": 4, "qat.activation.bits": None})
+    out.append(summarize("scratch w4a16 (defaults)", d, fp_map, wall))
+    return out
+
+
+def table(rows_by_seed: dict[int, list[dict]]) -> str:
+    seeds = sorted(rows_by_seed)
+    lines = ["| run | final mAP50-95 | best | % of FP (final) | best epoch | collapse | osc. frac | wall s |",
+             "|---|---|---|---|---|---|---|---|"]
+    for i, r in enumerate(rows_by_seed[seeds[0]]):
+        runs = [rows_by_seed[s][i] for s in seeds]
+        def fmt(key, scale=1.0, nd=3):
+            vals = [x[key] for x in runs if x.get(key) is not None]
+            if not vals:
+                return "-"
+            m = statistics.mean(vals) * scale
+            return f"{m:.{nd}f}" + (f" ± {statistics.stdev(vals) * scale:.{nd}f}" if len(vals) > 1 else "")
+        collapse = sum(x["collapse"] for x in runs)
+        lines.append(f"| {r['run']} | {fmt('final')} | {fmt('best')} | {fmt('retained', nd=1)} | "
+                     f"{'/'.join(str(x['best_epoch']) for x in runs)} of {r['epochs']} | "
+                     f"{'yes' if collapse else 'no'}{f' ({collapse}/{len(runs)})' if len(runs) > 1 and collapse else ''} | "
+                     f"{fmt('osc', nd=4)} | {fmt('wall_s', nd=0)} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="small profile, < 10 min on 2 CPU cores")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0])
+    p.add_argument("--recipes", nargs="+", default=RECIPES)
+    p.add_argument("--bits", type=int, nargs="+", default=[4, 3])
+    p.add_argument("--work", type=Path, default=None, help="work folder (default: a temp folder)")
+    p.add_argument("--json", type=Path, default=None, help="also write all rows (with mAP curves) as JSON")
+    a = p.parse_args()
+
+    import tempfile
+
+    from ultralytics_qat.utils import make_hermetic
+
+    work = a.work or Path(tempfile.mkdtemp(prefix="bench_recipes_"))
+    make_hermetic(work / "cfg")
+    prof = PROFILES["quick" if a.quick else "full"]
+    t0 = time.perf_counter()
+    rows = {s: run_seed(s, prof, work, a.recipes, a.bits) for s in a.seeds}
+    print(f"\nshapes {prof['n_train']}/{prof['n_val']} images at {prof['imgsz']}, yolov8n, FP {prof['fp_epochs']} "
+          f"epochs, QAT fine-tune {prof['qat_epochs']} epochs, seeds {a.seeds}, total {time.perf_counter() - t0:.0f} s")
+    print(table(rows))
+    if a.json:
+        a.json.write_text(json.dumps(rows, indent=1))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
