@@ -144,3 +144,28 @@ def test_compile_failure_falls_back_to_eager(monkeypatch, caplog):
     out = run(lsq_fake_quantize, x, s, go, -8, 7, 0.1)
     assert compiler.failed and not compiler.fns and "no C++ compiler" in caplog.text
     assert_lsq_close(out, run(lsq_fake_quantize_reference, x, s, go, -8, 7, 0.1), grad_s_tol(x, s, go, 0.1))
+
+
+@pytest.mark.parametrize("shape,ch_axis,qn,qp", [((64, 3, 3, 8), 0, -7, 7), ((4096 + 5,), None, -4, 3)])
+def test_compiled_cpu_tracking_matches_twin_bitwise(monkeypatch, shape, ch_axis, qn, qp):
+    """The Inductor-compiled tracker updates every state tensor exactly as the twin, freezing included."""
+    from ultralytics_qat.ops import cpu_compile_track, init_oscillation_state, track_oscillations
+    from ultralytics_qat.ops import track_oscillations_reference
+
+    monkeypatch.setenv("ULTRALYTICS_QAT_CPU_COMPILE", "sync")
+    torch.manual_seed(0)
+    w = torch.randn(shape)
+    s = torch.rand(shape[0] if ch_axis == 0 else 1) * 0.2 + 0.1
+    fast = init_oscillation_state(w, s, qn, qp, ch_axis)
+    ref = tuple(t.clone() for t in fast)
+    for step in range(12):
+        w2 = w + 0.1 * torch.randn_like(w)  # noisy steps make integers flip back and forth
+        thr = 0.0 if step < 6 else 0.05
+        a = track_oscillations(w2, s, qn, qp, *fast, 0.2, thr, ch_axis)
+        b = track_oscillations_reference(w2, s, qn, qp, *ref, 0.2, thr, ch_axis)
+        assert a.item() == b.item()
+        for x, y in zip(fast, ref):
+            assert torch.equal(x, y), step
+    assert ref[2].any() and ref[4].max() > 0  # the run did oscillate and freeze
+    if not cpu_compile_track._COMPILER.failed:
+        assert cpu_compile_track._COMPILER.fn is not None  # it really ran compiled

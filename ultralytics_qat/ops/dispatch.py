@@ -14,6 +14,7 @@ from torch import Tensor
 from . import reference
 from .backend import triton_kernels, use_triton
 from .cpu_compile import lsq_backward_compiled
+from .cpu_compile_track import track_compiled
 from .oscillation import STATE_DTYPES, track_oscillations_reference
 
 
@@ -155,7 +156,8 @@ def _track_op(
     args = (w, scale, qn, qp, prev_int, prev_dir, frozen, frozen_int, freq, ema_int, momentum, freeze_threshold, ch_axis)
     if use_triton(w):
         return triton_kernels("triton_oscillation").track_oscillations(*args)
-    return track_oscillations_reference(*args)
+    count = track_compiled(*args)
+    return track_oscillations_reference(*args) if count is None else count
 
 
 @_track_op.register_fake
