@@ -169,3 +169,18 @@ def test_compiled_cpu_tracking_matches_twin_bitwise(monkeypatch, shape, ch_axis,
     assert ref[2].any() and ref[4].max() > 0  # the run did oscillate and freeze
     if not cpu_compile_track._COMPILER.failed:
         assert cpu_compile_track._COMPILER.fn is not None  # it really ran compiled
+
+
+@pytest.mark.parametrize("shape,ch_axis", [((cpu_compile.MIN_NUMEL + 3,), None), ((16, 8, 3, 3 * 64), 0)])
+def test_compiled_cpu_forward_is_bitwise_the_twin(monkeypatch, shape, ch_axis):
+    monkeypatch.setenv("ULTRALYTICS_QAT_CPU_COMPILE", "sync")
+    torch.manual_seed(1)
+    x = torch.randn(shape) * 3
+    x.view(-1)[:64] = torch.arange(-32, 32) * 0.25  # exact ties at s = 0.5
+    s = torch.full((shape[0] if ch_axis == 0 else 1,), 0.5)
+    y = cpu_compile.lsq_forward_compiled(x, s, -8, 7, ch_axis)
+    if y is None:
+        pytest.skip("TorchInductor cannot compile here; the eager twin is used")
+    from ultralytics_qat.ops.reference import lsq_forward
+
+    assert torch.equal(y, lsq_forward(x, s, -8, 7, ch_axis))

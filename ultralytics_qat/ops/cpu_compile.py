@@ -27,6 +27,7 @@ import threading
 
 import torch
 
+from .async_compile import AsyncCompiled
 from .backend import warn_once
 from .reference import SCALE_EPS, lsq_backward_terms
 
@@ -182,3 +183,43 @@ def lsq_backward_compiled(grad_out, x, scale, qn, qp, grad_scale, ch_axis=None, 
     else:
         gx = gx.view(x.shape)
     return gx, gsum.mul_(grad_scale).reshape(scale.shape).to(scale.dtype)
+
+
+# ----------------------------------------------------------------------------------------------- compiled forward
+def _fwd(x, s, qn, qp):
+    return torch.clamp(torch.round(x / s), qn, qp) * s
+
+
+def _warm_fwd_tensor(fn) -> None:
+    fn(torch.randn(MIN_NUMEL + 1), torch.tensor(0.5), torch.tensor(-8.0), torch.tensor(7.0))
+
+
+def _warm_fwd_channel(fn) -> None:
+    fn(torch.randn(4, MIN_NUMEL // 4 + 1), torch.full((4, 1), 0.5), torch.tensor(-8.0), torch.tensor(7.0))
+
+
+_FWD = {
+    False: AsyncCompiled(_fwd, _warm_fwd_tensor, "LSQ forward (per tensor)"),
+    True: AsyncCompiled(_fwd, _warm_fwd_channel, "LSQ forward (per channel)"),
+}
+
+
+def lsq_forward_compiled(x, scale, qn, qp, ch_axis=None):
+    """``reference.lsq_forward`` as one fused pass (fp32 CPU tensors); None when not available (run eager)."""
+    if x.device.type != "cpu" or x.dtype != torch.float32 or x.numel() < MIN_NUMEL or x.dim() == 0:
+        return None
+    per_channel = ch_axis is not None
+    if per_channel and (ch_axis % x.dim() != 0 or x.shape[0] < 2 or x.numel() // x.shape[0] < 2):
+        return None
+    fn = _FWD[per_channel].get(compile_mode())
+    if fn is None:
+        return None
+    s = scale.detach().float().clamp_min(SCALE_EPS)
+    xs = x.reshape(x.shape[0], -1) if per_channel else x.reshape(-1)
+    s = s.reshape(-1, 1) if per_channel else s.reshape(())
+    try:
+        y = fn(xs, s, torch.tensor(float(qn)), torch.tensor(float(qp)))
+    except Exception as e:  # noqa: BLE001
+        _FWD[per_channel].fail(e)
+        return None
+    return y.view(x.shape)

@@ -9,12 +9,10 @@ momentum, threshold) are 0-d tensors and sizes are dynamic, so one graph serves 
 
 from __future__ import annotations
 
-import threading
-
 import torch
 
-from .backend import warn_once
-from .cpu_compile import CPU_COMPILE_ENV, compile_mode
+from .async_compile import AsyncCompiled
+from .cpu_compile import compile_mode
 
 MIN_NUMEL = 1 << 12  # smaller tensors: eager costs about the same
 
@@ -42,67 +40,23 @@ def _track_core(w, s, qn, qp, m, thr, prev_int, prev_dir, frozen, frozen_int, fr
     return osc.sum()
 
 
-class _TrackCompiler:
-    def __init__(self) -> None:
-        self.lock = threading.Lock()
-        self.fn = None
-        self.pending = False
-        self.failed = False
-
-    def _build(self):
-        fn = torch.compile(_track_core, dynamic=True, fullgraph=True)
-        w = torch.randn(4, MIN_NUMEL // 2)
-        s = torch.full((4, 1), 0.5)
-        z8 = torch.zeros(w.shape, dtype=torch.int8)
-        zf = torch.zeros(w.shape)
-        scal = [torch.tensor(v) for v in (-7.0, 7.0, 0.01, 0.1)]
-        with torch.no_grad():
-            fn(w, s, *scal, z8, z8, z8, z8, zf, zf)
-        return fn
-
-    def _worker(self) -> None:
-        try:
-            fn = self._build()
-            with self.lock:
-                self.fn = fn
-        except Exception as e:  # noqa: BLE001 - any compile failure means: stay eager
-            self.fail(e)
-        finally:
-            with self.lock:
-                self.pending = False
-
-    def fail(self, e: BaseException) -> None:
-        self.failed = True
-        warn_once("cpu-compile-track", f"TorchInductor compile of oscillation tracking failed ({type(e).__name__}); "
-                  f"using the eager PyTorch twin. Set {CPU_COMPILE_ENV}=off to silence.")
-
-    def get(self, mode: str):
-        if self.failed:
-            return None
-        with self.lock:
-            if self.fn is not None or (mode == "async" and self.pending):
-                return self.fn
-            if mode == "async":
-                self.pending = True
-                threading.Thread(target=self._worker, name="ultralytics-qat-compile-track", daemon=True).start()
-                return None
-        try:
-            self.fn = self._build()
-        except Exception as e:  # noqa: BLE001
-            self.fail(e)
-        return self.fn
+def _warm(fn) -> None:
+    w = torch.randn(4, MIN_NUMEL // 2)
+    z8 = torch.zeros(w.shape, dtype=torch.int8)
+    zf = torch.zeros(w.shape)
+    fn(w, torch.full((4, 1), 0.5), *(torch.tensor(v) for v in (-7.0, 7.0, 0.01, 0.1)), z8, z8.clone(), z8.clone(),
+       z8.clone(), zf, zf.clone())
 
 
-_COMPILER = _TrackCompiler()
+_COMPILER = AsyncCompiled(_track_core, _warm, "oscillation tracking")
 
 
 def track_compiled(w, scale, qn, qp, prev_int, prev_dir, frozen, frozen_int, freq, ema_int, momentum, threshold,
                    ch_axis=None):  # fmt: skip
     """One tracking step through the compiled graph, state updated in place; None when unavailable (run eager)."""
-    mode = compile_mode()
-    if mode == "off" or w.device.type != "cpu" or w.numel() < MIN_NUMEL or w.dim() == 0:
+    if w.device.type != "cpu" or w.numel() < MIN_NUMEL or w.dim() == 0:
         return None
-    fn = _COMPILER.get(mode)
+    fn = _COMPILER.get(compile_mode())
     if fn is None:
         return None
     rows = w.shape[0] if ch_axis is not None else 1

@@ -13,7 +13,7 @@ from torch import Tensor
 
 from . import reference
 from .backend import triton_kernels, use_triton
-from .cpu_compile import lsq_backward_compiled
+from .cpu_compile import lsq_backward_compiled, lsq_forward_compiled
 from .cpu_compile_track import track_compiled
 from .oscillation import STATE_DTYPES, track_oscillations_reference
 
@@ -40,7 +40,9 @@ def _lsq_op(
     if use_triton(x):
         y = triton_kernels("triton_lsq").lsq_forward(x, scale, qn, qp, ch_axis)
     else:
-        y = reference.lsq_forward(x, scale, qn, qp, ch_axis)
+        y = lsq_forward_compiled(x, scale, qn, qp, ch_axis)
+        if y is None:
+            y = reference.lsq_forward(x, scale, qn, qp, ch_axis)
     return _match_layout(y, x)
 
 
