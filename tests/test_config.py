@@ -6,8 +6,12 @@ from ultralytics_qat.config import DEFAULT_QAT_YAML, QATConfig, describe_options
 from ultralytics_qat.errors import QATConfigError
 
 
-def test_bundled_default_yaml_matches_schema_defaults():
-    assert QATConfig.load(DEFAULT_QAT_YAML) == QATConfig()
+def test_bundled_default_yaml_is_the_stable_recipe_on_schema_defaults():
+    from ultralytics_qat.config import resolve_qat_yaml
+
+    default = QATConfig.load(DEFAULT_QAT_YAML)
+    assert default == QATConfig.load(resolve_qat_yaml("stable")) != QATConfig()  # stabilizers on, unlike the schema
+    assert default.qc.enabled and default.oscillation.freeze_threshold == 0.1 and default.bn.reestimate
     cfg = QATConfig()
     assert (cfg.weight.bits, cfg.activation.bits, cfg.first_layer_bits, cfg.last_layer_bits) == (4, 4, 8, 8)
     assert cfg.weight.granularity == "channel" and cfg.amp is False

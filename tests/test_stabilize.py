@@ -67,7 +67,8 @@ def test_staged_bits_run_end_to_end(coco8, tmp_path):
     save_dir = model.trainer.save_dir
     rows = list(csv.DictReader(open(save_dir / "results.csv")))
     assert [float(r["qat/stage"]) for r in rows] == [0.0, 1.0, 2.0]
-    assert all(float(r["qat/bn_reestimate_batches"]) == 1.0 for r in rows)
+    # the default recipe runs QC after the last epoch, which re-estimates BN itself before learning its corrections
+    assert [float(r["qat/bn_reestimate_batches"]) for r in rows] == [1.0, 1.0, 0.0]
     state = torch.load(save_dir / "weights" / "last.pt", map_location="cpu", weights_only=False)[CKPT_KEY]["state"]
     assert state["model.1.conv.weight_fake_quant.qrange"].tolist() == [4, -7, 7]
     assert state["model.0.conv.weight_fake_quant.qrange"].tolist() == [8, -127, 127]  # first layer not scheduled

@@ -77,8 +77,9 @@ class BatchNormStabilizer(Stabilizer):
                 bn.eval()
 
     def before_validation(self, state: TrainState) -> None:
-        if self.skip_final and state.epoch + 1 >= state.epochs:
+        if not self.reestimate:
             return
-        if self.reestimate and state.ema is not None and state.batches is not None:
+        n = 0  # logged every epoch, 0 when skipped: results.csv keeps the columns of its first row
+        if state.ema is not None and state.batches is not None and not (self.skip_final and state.epoch + 1 >= state.epochs):
             n = reestimate_bn(state.ema, state.images(), min(self.batches, state.batches_per_epoch))
-            state.log["qat/bn_reestimate_batches"] = float(n)
+        state.log["qat/bn_reestimate_batches"] = float(n)
