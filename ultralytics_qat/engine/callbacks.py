@@ -41,7 +41,13 @@ class QATCallbacks:
         self.columns: list | None = None  # qat/* keys of the first epoch: results.csv's header is written once
 
     def register(self, owner) -> None:
-        """Add the handlers to ``owner`` (a trainer or a ``YOLO`` model), ahead of logger callbacks where it matters."""
+        """Add the handlers to ``owner`` (a trainer or a ``YOLO`` model), ahead of logger callbacks where it matters.
+
+        Handlers of another ``QATCallbacks`` already there are removed first: a DDP worker receives the parent's
+        pickled callbacks and then registers its own, and every hook must run once per event.
+        """
+        for fns in owner.callbacks.values():
+            fns[:] = [f for f in fns if not isinstance(getattr(f, "__self__", None), QATCallbacks)]
         for event, fn in (
             ("on_pretrain_routine_end", self.on_pretrain_routine_end),
             ("on_train_epoch_start", self.on_train_epoch_start),
