@@ -2,3 +2,21 @@
 
 # A short QAT run: yolov8n from yaml on the bundled coco8 at a tiny image size; nbs=batch so every batch steps.
 TRAIN_ARGS = dict(epochs=2, imgsz=64, batch=4, nbs=4, workers=0, plots=False, val=True, seed=0, deterministic=True)
+
+
+def train_stopped_after_first_epoch(data, project, name: str, **train_args):
+    """Run a QAT training that is interrupted right after epoch 1 is saved; returns its last.pt (to resume from)."""
+    import pytest
+    from ultralytics import YOLO
+
+    from ultralytics_qat import QATDetectionTrainer
+
+    def stop(trainer):
+        if trainer.epoch == 0:
+            raise KeyboardInterrupt
+
+    model = YOLO("yolov8n.yaml")
+    model.add_callback("on_fit_epoch_end", stop)
+    with pytest.raises(KeyboardInterrupt):
+        model.train(trainer=QATDetectionTrainer, data=str(data), project=str(project), name=name, **train_args)
+    return model.trainer.last

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 from ultralytics import YOLO
 
-from qat_test_utils import TRAIN_ARGS
+from qat_test_utils import TRAIN_ARGS, train_stopped_after_first_epoch
 from ultralytics_qat import QATDetectionTrainer
 from ultralytics_qat.controller import CKPT_KEY, QATController
 from ultralytics_qat.quant import LSQQuantizer, QConv2d
@@ -249,16 +249,8 @@ def test_w3a3_freezing_dampening_afw_end_to_end_with_resume(coco8, tmp_path):
     }
     args = {**TRAIN_ARGS, "batch": 2, "nbs": 2, "warmup_epochs": 0, "optimizer": "AdamW", "lr0": 0.01, "val": False}
 
-    def stop_after_first_epoch(trainer):
-        if trainer.epoch == 0:
-            raise KeyboardInterrupt
-
-    model = YOLO("yolov8n.yaml")
-    model.add_callback("on_fit_epoch_end", stop_after_first_epoch)
-    with pytest.raises(KeyboardInterrupt):
-        model.train(trainer=QATDetectionTrainer, data=str(coco8), project=str(tmp_path), name="osc",
-                    **args, **overrides)
-    saved = torch.load(model.trainer.last, map_location="cpu", weights_only=False)[CKPT_KEY]["state"]
+    last = train_stopped_after_first_epoch(coco8, tmp_path, "osc", **args, **overrides)
+    saved = torch.load(last, map_location="cpu", weights_only=False)[CKPT_KEY]["state"]
     saved = {k: v for k, v in saved.items() if ".tracker." in k}
     assert sum(int(v.sum()) for k, v in saved.items() if k.endswith(".frozen")) > 0  # 2 steps froze some weights
 
@@ -268,7 +260,7 @@ def test_w3a3_freezing_dampening_afw_end_to_end_with_resume(coco8, tmp_path):
         sd = trainer.model.state_dict()
         seen["equal"] = all(torch.equal(sd[k], v) for k, v in saved.items())
 
-    resumed = YOLO(str(model.trainer.last))
+    resumed = YOLO(str(last))
     resumed.add_callback("on_train_start", capture)
     resumed.train(trainer=QATDetectionTrainer, resume=True)
     assert seen["equal"]

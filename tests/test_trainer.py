@@ -6,7 +6,7 @@ import pytest
 import torch
 from ultralytics import YOLO
 
-from qat_test_utils import TRAIN_ARGS
+from qat_test_utils import TRAIN_ARGS, train_stopped_after_first_epoch
 from ultralytics_qat import QATDetectionTrainer
 from ultralytics_qat.checkpoint import load_qat_model
 from ultralytics_qat.cli import main
@@ -60,16 +60,7 @@ def test_scales_have_their_own_param_group_without_decay(coco8, tmp_path):
 
 
 def test_resume_is_bitwise_exact_for_scales(coco8, tmp_path):
-    def stop_after_first_epoch(trainer):
-        if trainer.epoch == 0:
-            raise KeyboardInterrupt
-
-    model = YOLO("yolov8n.yaml")
-    model.add_callback("on_fit_epoch_end", stop_after_first_epoch)
-    with pytest.raises(KeyboardInterrupt):
-        model.train(trainer=QATDetectionTrainer, data=str(coco8), project=str(tmp_path), name="r",
-                    **{**TRAIN_ARGS, "epochs": 3})
-    last = model.trainer.last
+    last = train_stopped_after_first_epoch(coco8, tmp_path, "r", **{**TRAIN_ARGS, "epochs": 3})
     saved = torch.load(last, map_location="cpu", weights_only=False)[CKPT_KEY]["state"]
     saved_scales = {k[: -len(".scale")]: v for k, v in saved.items() if k.endswith(".scale")}
 
@@ -88,7 +79,7 @@ def test_resume_is_bitwise_exact_for_scales(coco8, tmp_path):
     for name, value in saved_scales.items():
         assert torch.equal(seen["model"][name], value), name
         assert torch.equal(seen["ema"][name], value), name
-    rows = list(csv.DictReader(open(model.trainer.save_dir / "results.csv")))
+    rows = list(csv.DictReader(open(last.parent.parent / "results.csv")))
     assert len(rows) == 3
 
 

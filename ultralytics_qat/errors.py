@@ -27,3 +27,6 @@ class QuantizerNotInitializedError(QATError, RuntimeError):
 # Raised by the kernel dispatch (``ULTRALYTICS_QAT_BACKEND=triton`` where Triton cannot run); defined in ``ops``,
 # which imports nothing else of ours, and re-exported here so callers find every error in one place.
 from .ops.backend import BackendUnavailableError  # noqa: E402,F401
+
+__all__ = ["BackendUnavailableError", "QATCheckpointError", "QATConfigError", "QATError", "QATExportError",
+           "QuantizerNotInitializedError"]

@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from helpers_ops import RANGES, SIGNED, UNSIGNED, assert_lsq_close, grad_s_tol, run
+from helpers_ops import RANGES, assert_lsq_close, grad_s_tol, run
 
 from ultralytics_qat.ops import lsq_fake_quantize, lsq_fake_quantize_reference
 
