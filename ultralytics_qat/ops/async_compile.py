@@ -67,7 +67,8 @@ class AsyncCompiled:
                 return self.fn
             if mode == "async":
                 self.pending = True
-                threading.Thread(target=self._worker, name=f"ultralytics-qat-compile-{self.name}", daemon=True).start()
+                # not a daemon: the interpreter joins it at exit; killing it mid-compile aborts the process
+                threading.Thread(target=self._worker, name=f"ultralytics-qat-compile-{self.name}", daemon=False).start()
                 return None
         try:
             self.fn = self._build()

@@ -110,7 +110,8 @@ class _Compiler:
                 return fn
             if mode == "async":
                 self.pending.add(key)
-                threading.Thread(target=self._worker, args=(key,), name="ultralytics-qat-compile", daemon=True).start()
+                # not a daemon: the interpreter joins it at exit; killing it mid-compile aborts the process
+                threading.Thread(target=self._worker, args=(key,), name="ultralytics-qat-compile", daemon=False).start()
                 return None
         try:  # sync: compile here, on the caller's thread
             self.warm(key)
