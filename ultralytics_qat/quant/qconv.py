@@ -57,17 +57,6 @@ class QConv2d(nn.Conv2d):
         q.input_fake_quant = None if input_fake_quant is None else input_fake_quant.to(conv.weight.device)
         return q
 
-    def to_conv(self) -> nn.Conv2d:
-        """A plain ``nn.Conv2d`` holding the fake-quantized weight values (the input quantizer is dropped)."""
-        conv = nn.Conv2d(
-            self.in_channels, self.out_channels, self.kernel_size, self.stride, self.padding, self.dilation,
-            self.groups, self.bias is not None, self.padding_mode, device="meta",
-        )
-        with torch.no_grad():
-            conv.weight = nn.Parameter(self.weight_fake_quant(self.weight).detach().clone())
-            conv.bias = None if self.bias is None else nn.Parameter(self.bias.detach().clone())
-        return conv
-
     @property
     def weight_quantizer(self) -> _FoldableRange:
         """Hook used by Ultralytics' BN fusion to rescale the weight range (see module docstring)."""
