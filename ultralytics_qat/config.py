@@ -13,6 +13,9 @@ Examples:
 from __future__ import annotations
 
 import difflib
+import math
+import re
+import reprlib
 from dataclasses import MISSING, asdict, dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any
@@ -71,7 +74,10 @@ class CalibrationConfig:
 class OptimConfig:
     """Optimizer treatment of the learned quantizer scales."""
 
-    scale_lr_mult: float = option(1.0, float, "learning-rate multiplier of the scale parameter group", low=0.0)
+    scale_lr_mult: float = option(
+        1.0, float, "learning-rate multiplier of the scale parameter group (an Adam step moves a scale by about "
+        "lr * mult, so far larger values drive small scales negative)", low=0.0, high=100.0,
+    )
     scale_weight_decay: float = option(0.0, float, "weight decay of the scale parameter group", low=0.0)
 
 
@@ -200,6 +206,11 @@ class QATConfig:
             data, source = qat.to_dict(), "qat"
         elif isinstance(qat, dict):
             data, source = qat, "qat"
+        elif qat is not None and not isinstance(qat, (str, Path)):
+            raise QATConfigError(
+                f"qat={_show(qat)} ({type(qat).__name__}) is not a qat config; pass a qat.yaml path, a bundled recipe "
+                f"name ({', '.join(bundled_recipes())}), a dict or a QATConfig"
+            )
         else:
             path = resolve_qat_yaml(qat)
             data, source = _read_yaml(path), path.name
@@ -222,8 +233,14 @@ def resolve_qat_yaml(qat: str | Path | None) -> Path:
     for candidate in (CFG_DIR / name, CFG_DIR / "recipes" / name):
         if candidate.is_file() and (len(path.parts) == 1 or path.parent.name in {"cfg", "recipes"}):
             return candidate
-    bundled = sorted(p.stem for p in (*CFG_DIR.glob("*.yaml"), *(CFG_DIR / "recipes").glob("*.yaml")))
-    raise QATConfigError(f"qat file '{qat}' not found; pass an existing path or a bundled recipe: {', '.join(bundled)}")
+    raise QATConfigError(
+        f"qat file '{qat}' not found; pass an existing path or a bundled recipe: {', '.join(bundled_recipes())}"
+    )
+
+
+def bundled_recipes() -> list[str]:
+    """Names that :func:`resolve_qat_yaml` finds without a path (``qat`` = the default qat.yaml)."""
+    return sorted(p.stem for p in (*CFG_DIR.glob("*.yaml"), *(CFG_DIR / "recipes").glob("*.yaml")))
 
 
 def describe_options(cls=QATConfig, prefix: str = "") -> list[tuple[str, Any, str]]:
@@ -259,9 +276,27 @@ def _allowed(f) -> str:
     return ""
 
 
+def _show(value: Any) -> str:
+    """A short repr for messages: bounded in length and depth, safe for self-referencing YAML aliases."""
+    return _REPR.repr(value)
+
+
+_REPR = reprlib.Repr()
+_REPR.maxlevel, _REPR.maxstring, _REPR.maxother, _REPR.maxlong = 3, 40, 40, 40
+
+
 def _read_yaml(path: Path) -> dict:
+    """The mapping of qat keys in a qat.yaml (unwrapping a lone ``qat:`` block), or a one-line error."""
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as e:
+        raise QATConfigError(
+            f"{path} is not UTF-8 text (byte {e.object[e.start]:#04x} at offset {e.start}); save it as UTF-8"
+        ) from None
+    except OSError as e:
+        raise QATConfigError(f"{path} could not be read ({e.strerror}); pass a readable qat.yaml") from None
+    except RecursionError:
+        raise QATConfigError(f"{path} is nested too deeply to be a qat.yaml; qat keys are at most 3 levels deep") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark else ""
@@ -269,29 +304,41 @@ def _read_yaml(path: Path) -> dict:
     if data is None:
         return {}
     if not isinstance(data, dict):
-        raise QATConfigError(f"{path} must hold a mapping of qat keys, got {type(data).__name__}")
-    return data.get("qat", data) if set(data) == {"qat"} else data
+        raise QATConfigError(f"{path} must hold a mapping of qat keys, got {type(data).__name__} {_show(data)}")
+    if set(data) != {"qat"}:
+        return data
+    if not isinstance(data["qat"], dict):
+        raise QATConfigError(
+            f"{path}: the 'qat:' block must hold a mapping of qat keys, got {type(data['qat']).__name__} "
+            f"{_show(data['qat'])}; indent keys under it (e.g. 'qat:' then '  weight: {{bits: 4}}') or drop the block"
+        )
+    return data["qat"]
 
 
 def _apply_overrides(data: dict, overrides: dict) -> dict:
-    """Set dotted keys (``weight.bits``) in a copy of the nested dict."""
-    data = _deepcopy_dict(data)
+    """Set dotted keys (``weight.bits``) in a copy of the nested dict; only the dicts on each key's path are copied."""
+    data = dict(data)
     for key, value in overrides.items():
+        parts = _override_path(str(key))
         node = data
-        parts = str(key).split(".")
         for part in parts[:-1]:
             child = node.get(part)
-            if not isinstance(child, dict):
-                child = node[part] = {} if child is None else child
-            if not isinstance(child, dict):
+            if child is not None and not isinstance(child, dict):
                 raise QATConfigError(f"qat override '{key}': '{part}' is not a section")
+            node[part] = child = dict(child or {})
             node = child
         node[parts[-1]] = value
     return data
 
 
-def _deepcopy_dict(d):
-    return {k: _deepcopy_dict(v) if isinstance(v, dict) else v for k, v in d.items()}
+def _override_path(key: str) -> list[str]:
+    """Split a dotted key, keeping a per-layer glob whole: ``overrides.model.1.conv.weight_bits`` has 3 parts."""
+    parts = key.split(".")
+    if parts[0] != "overrides" or len(parts) < 3:
+        return parts
+    if difflib.get_close_matches(parts[-1], _OVERRIDE_KEYS, n=1, cutoff=0.6):  # a bits key, maybe misspelt
+        return [parts[0], ".".join(parts[1:-1]), parts[-1]]
+    return [parts[0], ".".join(parts[1:])]  # overrides.model.1.conv={weight_bits: 6}
 
 
 def _unknown_key_error(key: str, valid: list[str], source: str) -> QATConfigError:
@@ -302,7 +349,8 @@ def _unknown_key_error(key: str, valid: list[str], source: str) -> QATConfigErro
 
 def _build(cls, data: dict, prefix: str, source: str):
     if not isinstance(data, dict):
-        raise QATConfigError(f"{source}: '{prefix.rstrip('.')}' must be a mapping of keys, got {data!r}")
+        what = f"'{prefix.rstrip('.')}'" if prefix else "a qat config"
+        raise QATConfigError(f"{source}: {what} must be a mapping of keys, got {type(data).__name__} {_show(data)}")
     by_name = {f.name: f for f in fields(cls)}
     for key in data:
         if key not in by_name:
@@ -311,7 +359,10 @@ def _build(cls, data: dict, prefix: str, source: str):
     for name, f in by_name.items():
         key = prefix + name
         if _is_section(f):
-            kwargs[name] = _build(f.default_factory, data.get(name) or {}, key + ".", source)
+            section = data.get(name, {})
+            if not isinstance(section, dict):
+                raise _section_value_error(key, section, f.default_factory, source)
+            kwargs[name] = _build(f.default_factory, section, key + ".", source)
         elif name in data:
             kwargs[name] = _check_value(key, data[name], f, source)
     cfg = cls(**kwargs)
@@ -320,23 +371,67 @@ def _build(cls, data: dict, prefix: str, source: str):
     return cfg
 
 
+# Switches that turn a section's feature off: the hint when a section is given a value (qat.qc=0, qat.ead=null).
+_SECTION_OFF = {
+    "schedule": "qat.schedule.milestones=[]",
+    "ead": "qat.ead.start=null",
+    "bn": "qat.bn.reestimate=false",
+    "oscillation": "qat.oscillation.freeze_threshold=null (freezing) or qat.oscillation.track=false (tracking)",
+    "scalegrad": "qat.scalegrad.delta=0 and qat.scalegrad.k=0",
+    "qc": "qat.qc.enabled=false",
+    "afw": "qat.afw.enabled=false",
+}
+
+
+def _section_value_error(key: str, value: Any, cls, source: str) -> QATConfigError:
+    """A section (``qc``, ``oscillation``) given a value instead of keys: name the key that does what was meant."""
+    if key in _SECTION_OFF:
+        hint = f"to switch it off use {_SECTION_OFF[key]}"
+    else:
+        first, default, _ = describe_options(cls, key + ".")[0]
+        hint = f"set its keys instead, e.g. qat.{first}={_yaml_text(default)}"
+    return QATConfigError(f"{source}: '{key}' is a section of keys, not a value (got {_show(value)}); {hint}")
+
+
+def _yaml_text(value: Any) -> str:
+    return "null" if value is None else str(value).lower() if isinstance(value, bool) else str(value)
+
+
+# YAML 1.2 floats that PyYAML (YAML 1.1) reads as strings: 1e-4, 2E3, 1.0e3 (1.1 wants a dot and a signed exponent).
+_EXP_FLOAT = re.compile(r"[-+]?(\.\d+|\d+\.?\d*)[eE][-+]?\d+")
+
+
+def _as_kind(value: Any, kind: type) -> Any:
+    """Coerce what YAML gives into ``kind`` where that loses nothing (3 -> 3.0, 4.0 -> 4, '1e-4' -> 0.0001)."""
+    if kind is float and isinstance(value, str) and _EXP_FLOAT.fullmatch(value.strip()):
+        return float(value)
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)  # OverflowError for ints beyond float range: the caller reports it
+    if kind is int and isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
 def _check_value(key: str, value: Any, f, source: str) -> Any:
     m = f.metadata
     kind = m["kind"]
     allowed = _allowed(f).rstrip(": ") or kind.__name__
+    example = f"(e.g. '{key}={_yaml_text(f.default) if f.default is not MISSING else f.default_factory()}')"
     if value is None:
         if m["nullable"]:
             return None
-        raise QATConfigError(f"{source}: '{key}' may not be null; allowed: {allowed} (e.g. '{key}={f.default}')")
-    if kind is float and isinstance(value, int) and not isinstance(value, bool):
-        value = float(value)
-    if kind is int and isinstance(value, float) and value.is_integer():
-        value = int(value)
+        raise QATConfigError(f"{source}: '{key}' may not be null; allowed: {allowed} {example}")
+    try:
+        value = _as_kind(value, kind)
+    except OverflowError:
+        raise QATConfigError(f"{source}: '{key}={_show(value)}' is too large for a float; allowed: {allowed} {example}") from None
     if not isinstance(value, kind) or (kind in (int, float) and isinstance(value, bool)):
         raise QATConfigError(
-            f"{source}: '{key}' must be {kind.__name__}, got {type(value).__name__} {value!r}; "
-            f"allowed: {allowed} (e.g. '{key}={f.default}')"
+            f"{source}: '{key}' must be {kind.__name__}, got {type(value).__name__} {_show(value)}; "
+            f"allowed: {allowed} {example}"
         )
+    if kind is float and not math.isfinite(value):
+        raise QATConfigError(f"{source}: '{key}={value}' is not a finite number; allowed: {allowed} {example}")
     if m["choices"] and value not in m["choices"]:
         raise QATConfigError(f"{source}: '{key}={value}' is not allowed; use one of {', '.join(m['choices'])}")
     if (m["low"] is not None and value < m["low"]) or (m["high"] is not None and value > m["high"]):
@@ -352,17 +447,17 @@ def _check_schedule(cfg: QATConfig, source: str) -> None:
     stages = len(sch.milestones) + 1
     ms = sch.milestones
     if any(not isinstance(m, int) or isinstance(m, bool) or m < 1 for m in ms) or ms != sorted(set(ms)):
-        raise QATConfigError(f"{source}: 'schedule.milestones={ms}' must be increasing epochs >= 1, e.g. [2, 4]")
+        raise QATConfigError(f"{source}: 'schedule.milestones={_show(ms)}' must be increasing epochs >= 1, e.g. [2, 4]")
     for key in ("weight_bits", "activation_bits"):
         bits = getattr(sch, key)
         if not bits:
             continue
         if len(bits) != stages:
             raise QATConfigError(
-                f"{source}: 'schedule.{key}' needs {stages} entries (one per stage: len(milestones) + 1), got {bits}"
+                f"{source}: 'schedule.{key}' needs {stages} entries (one per stage: len(milestones) + 1), got {_show(bits)}"
             )
         if any(not isinstance(b, int) or isinstance(b, bool) or not 2 <= b <= 8 for b in bits):
-            raise QATConfigError(f"{source}: 'schedule.{key}={bits}' must hold bit widths in 2..8")
+            raise QATConfigError(f"{source}: 'schedule.{key}={_show(bits)}' must hold bit widths in 2..8")
     if sch.activation_bits and cfg.activation.bits is None:
         raise QATConfigError(f"{source}: 'schedule.activation_bits' needs quantized activations; set activation.bits")
     if (sch.weight_bits or sch.activation_bits) and not ms:
@@ -371,14 +466,36 @@ def _check_schedule(cfg: QATConfig, source: str) -> None:
 
 def _check_overrides(cfg: QATConfig, source: str) -> None:
     _check_schedule(cfg, source)
-    for glob in cfg.exclude:
-        if not isinstance(glob, str):
-            raise QATConfigError(f"{source}: 'exclude' entries must be glob strings like 'model.22.*', got {glob!r}")
+    _check_exclude(cfg.exclude, source)
     for glob, spec in cfg.overrides.items():
+        if not isinstance(glob, str):
+            raise QATConfigError(
+                f"{source}: 'overrides' keys must be glob strings of conv names like 'model.1.conv', got "
+                f"{type(glob).__name__} {_show(glob)}; write globs as quoted strings, e.g. 'model.1.conv': {{weight_bits: 6}}"
+            )
         if not isinstance(spec, dict):
-            raise QATConfigError(f"{source}: 'overrides.{glob}' must map to {{weight_bits, activation_bits}}, got {spec!r}")
+            raise QATConfigError(
+                f"{source}: 'overrides.{glob}' must map to {{weight_bits, activation_bits}}, got {_show(spec)}"
+            )
         for k, v in spec.items():
             if k not in _OVERRIDE_KEYS:
                 raise _unknown_key_error(f"overrides.{glob}.{k}", sorted(_OVERRIDE_KEYS), source)
             if not (v is None or (isinstance(v, int) and not isinstance(v, bool) and 2 <= v <= 8)):
-                raise QATConfigError(f"{source}: 'overrides.{glob}.{k}={v}' is out of range; allowed: 2..8 or null (float)")
+                raise QATConfigError(
+                    f"{source}: 'overrides.{glob}.{k}={_show(v)}' is out of range; allowed: 2..8 or null (float)"
+                )
+
+
+def _check_exclude(globs: list, source: str) -> None:
+    """Glob strings only, and none that leaves every conv in float (that trains a float model, not a QAT one)."""
+    for glob in globs:
+        if not isinstance(glob, str):
+            raise QATConfigError(
+                f"{source}: 'exclude' entries must be glob strings like 'model.22.*', got {type(glob).__name__} "
+                f"{_show(glob)}"
+            )
+        if glob and set(glob) == {"*"}:
+            raise QATConfigError(
+                f"{source}: 'exclude' pattern '{glob}' leaves every conv in float, which is not QAT; to train a float "
+                "model use plain 'yolo train', else exclude only some layers, e.g. qat.exclude=[model.22.*]"
+            )
