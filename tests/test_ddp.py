@@ -33,10 +33,10 @@ def test_ddp_handoff_rebuilds_trainer_with_same_qat_config(coco8, tmp_path):
     assert worker.qat.config == parent.qat.config
     assert worker.qat.config.weight.bits == 3 and worker.qat.config.activation.bits == 6
     assert not hasattr(worker.args, "qat")
-    from ultralytics_qat.engine import QATCallbacks
+    from ultralytics_qat.engine import QATRun
 
     for event in ("on_pretrain_routine_end", "on_train_batch_end", "on_train_epoch_end"):  # one QAT hook per event
-        owners = [f.__self__ for f in worker.callbacks[event] if isinstance(getattr(f, "__self__", None), QATCallbacks)]
+        owners = [f.__self__ for f in worker.callbacks[event] if isinstance(getattr(f, "__self__", None), QATRun)]
         assert len(owners) == 1 and owners[0].qat is worker.qat, event
     os.remove(file)
 

@@ -15,7 +15,7 @@ import torch
 from onnx import TensorProto, numpy_helper
 from torch import nn
 
-from ultralytics_qat.checkpoint import load_qat_model
+from ultralytics_qat.checkpoint import deploy_pickle_and_entry, load_qat_model
 from ultralytics_qat.cli import main
 from ultralytics_qat.errors import QATCheckpointError, QATError
 from ultralytics_qat.export import (
@@ -76,8 +76,8 @@ def _make_checkpoint(path: Path, x: torch.Tensor, qat_cfg=None) -> Path:
     with torch.no_grad():
         model(x)
     model.eval()
-    torch.save({"model": copy.deepcopy(model).half(), "train_args": {"imgsz": x.shape[-1]},
-                "qat": qat.checkpoint_entry(model)}, path)
+    pickled, entry = deploy_pickle_and_entry(model, qat.config.to_dict())
+    torch.save({"model": pickled, "train_args": {"imgsz": x.shape[-1]}, "qat": entry}, path)
     return path
 
 

@@ -158,11 +158,11 @@ def test_qat_run_with_qc_and_ead_end_to_end(coco8, tmp_path):
     rows = list(csv.DictReader(open(save_dir / "results.csv")))
     assert len(rows) == 3
     rows = [{k.strip(): v for k, v in r.items()} for r in rows]
-    assert all(r["qat/qc_loss_end"] == "nan" for r in rows[:2])
-    end, start = float(rows[2]["qat/qc_loss_end"]), float(rows[2]["qat/qc_loss_start"])
-    assert math.isfinite(end) and math.isfinite(start)
+    assert not any(k.startswith("qat/qc") for k in rows[0])  # post-QAT results are not per-epoch columns
+    loaded, ckpt = load_qat_model(save_dir / "weights" / "best.pt")
+    post = ckpt["qat"]["post_qat"]  # QC ran once after the last epoch, and its model was validated
+    assert post["epoch"] == 2 and math.isfinite(post["qat/qc_loss_end"]) and math.isfinite(post["qat/qc_loss_start"])
     alphas = [float(r["qat/ead_alpha_mean"]) for r in rows]
     assert alphas[0] == 0.0 and all(0.0 < a < 0.999 for a in alphas[1:])
-    loaded, ckpt = load_qat_model(save_dir / "weights" / "best.pt")
     assert any(isinstance(m, QConv2d) for m in loaded.modules())
-    assert set(ckpt["qat"]["state"]) == set(loaded.state_dict())
+    assert set(ckpt["qat"]["state"]) <= set(loaded.state_dict())

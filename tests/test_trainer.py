@@ -10,7 +10,8 @@ from qat_test_utils import TRAIN_ARGS, train_stopped_after_first_epoch
 from ultralytics_qat import QATDetectionTrainer
 from ultralytics_qat.checkpoint import load_qat_model
 from ultralytics_qat.cli import main
-from ultralytics_qat.controller import CKPT_KEY, quantizers
+from ultralytics_qat.checkpoint import CKPT_KEY
+from ultralytics_qat.controller import quantizers
 from ultralytics_qat.quant import QConv2d
 
 pytestmark = pytest.mark.slow
@@ -24,7 +25,7 @@ def test_checkpoints_carry_fp32_qat_state(qat_run):
     for name in ("best.pt", "last.pt"):
         ckpt = torch.load(qat_run / "weights" / name, map_location="cpu", weights_only=False)
         entry = ckpt[CKPT_KEY]
-        assert entry["config"]["weight"]["bits"] == 4
+        assert entry["config"]["weight"]["bits"] == 4 and entry["kind"] == "deploy"  # a finished run's files
         scales = {k: v for k, v in entry["state"].items() if k.endswith(".scale")}
         assert len(scales) == 57 + 57 and all(v.dtype == torch.float32 for v in scales.values())
         pickled = ckpt["ema"] or ckpt["model"]

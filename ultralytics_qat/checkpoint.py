@@ -1,19 +1,181 @@
-"""Reading QAT checkpoints: clear errors for wrong or missing files, and the exact fp32 state restored.
+"""QAT checkpoints: the entry format, compact deploy copies, atomic writes, health checks and clear load errors.
 
-Ultralytics pickles the EMA model in fp16; a QAT checkpoint also carries the fp32 state under ``ckpt["qat"]``
-(see :meth:`QATController.checkpoint_entry`). Everything that loads a QAT checkpoint goes through here.
+Ultralytics pickles the EMA model in fp16 under ``ckpt["ema"]``/``ckpt["model"]``; a QAT checkpoint adds
+``ckpt["qat"]``. Two kinds exist (``entry["kind"]``):
+
+- ``resume`` (``last.pt`` during training, ``epoch<N>.pt``): the fp32 value of every float tensor except the
+  oscillation-tracker state, which the pickled model itself keeps in fp32 (stored once, exact). Resume and NaN
+  recovery are bitwise.
+- ``deploy`` (``best.pt``, and both files once a run has finished): each quantized weight in the pickle is snapped
+  to its grid point ``code * s``, so its fp16 value still rounds to the same integer code (|code| <= 127 needs only
+  8 bits of the fp16 mantissa), and the entry holds fp32 only for what the codes do not determine (scales, BN,
+  biases, float layers). Tracker state is dropped. About the size of the float checkpoint.
+
+Format 1 (before 0.2: one fp32 copy of the whole state, trackers included) still loads.
+Everything that reads or writes a QAT checkpoint goes through here.
 """
 
 from __future__ import annotations
 
+import io
+import os
+import tempfile
+from copy import deepcopy
 from pathlib import Path
 
+import torch
 from torch import nn
 
-from .controller import CKPT_KEY, QATController, is_qat_model
+from .controller import is_qat_model, quantizers, unwrap
 from .errors import QATCheckpointError
 
+CKPT_KEY = "qat"  # top-level checkpoint key of the QAT entry
+CKPT_FORMAT = 2
+TRACKER = ".tracker."  # state_dict keys of oscillation-tracker state
 
+
+# -- writing -----------------------------------------------------------------------------------------------------------
+def _float_state(model: nn.Module, skip=lambda key: False) -> dict:
+    return {k: v.detach().float().cpu().clone() for k, v in unwrap(model).state_dict().items()
+            if v.is_floating_point() and TRACKER not in k and not skip(k)}
+
+
+def resume_entry(model: nn.Module, config: dict) -> dict:
+    """The entry of a resumable checkpoint: fp32 of every float tensor but the tracker state (see module doc)."""
+    return {"format": CKPT_FORMAT, "kind": "resume", "config": config, "state": _float_state(model)}
+
+
+def resume_pickle(model: nn.Module) -> nn.Module:
+    """The model as Ultralytics pickles it (fp16, NCHW), tracker buffers kept in fp32 (their only copy)."""
+    out = deepcopy(unwrap(model)).half().to(memory_format=torch.contiguous_format)
+    trackers = {n: m for n, m in unwrap(model).named_modules() if type(m).__name__ == "OscillationTracker"}
+    for name, m in out.named_modules():
+        if name in trackers:
+            for b, v in trackers[name].named_buffers():
+                setattr(m, b, v.detach().cpu().clone())
+    return _strip_runtime(out)
+
+
+def deploy_pickle_and_entry(model: nn.Module, config: dict) -> tuple[nn.Module, dict]:
+    """A compact deploy copy: (fp16 model with snapped quantized weights and no tracker state, its entry)."""
+    out = deepcopy(unwrap(model)).float()
+    weights = set()
+    with torch.no_grad():
+        for name, m in out.named_modules():
+            q = getattr(m, "weight_fake_quant", None)
+            if q is not None and q._initialized:
+                codes = q.quantized_int(_effective_weight(m))
+                s = q.scale.detach().float().clamp_min(1e-8)
+                m.weight.copy_(codes * (s.view(-1, *[1] * (codes.dim() - 1)) if q.per_channel else s))
+                weights.add(f"{name}.weight")
+            t = getattr(q, "tracker", None) if q is not None else None
+            if t is not None:
+                for b, v in list(t.named_buffers()):
+                    setattr(t, b, v.new_zeros(0) if v.dim() else v.new_zeros(()))
+    entry = {"format": CKPT_FORMAT, "kind": "deploy", "config": config,
+             "state": _float_state(out, skip=lambda k: k in weights)}
+    return _strip_runtime(out.half().to(memory_format=torch.contiguous_format)), entry
+
+
+def _effective_weight(conv: nn.Module) -> torch.Tensor:
+    """The latent weight with frozen codes substituted (they are baked in already; this makes it certain)."""
+    q, w = conv.weight_fake_quant, conv.weight.detach().float()
+    t = getattr(q, "tracker", None)
+    if t is None or not bool(getattr(t, "initialized", False)) or t.frozen.numel() != w.numel():
+        return w
+    s = q.scale.detach().float().clamp_min(1e-8)
+    s = s.view(-1, *[1] * (w.dim() - 1)) if q.per_channel else s
+    return torch.where(t.frozen.view(w.shape).bool(), t.frozen_int.view(w.shape).float() * s, w)
+
+
+def _strip_runtime(model: nn.Module) -> nn.Module:
+    if hasattr(model, "criterion"):
+        model.criterion = None  # training-only state, as Ultralytics strips it
+    for v in model.state_dict().values():
+        if v.is_floating_point():
+            torch.nan_to_num_(v)  # fp16 overflow clamps instead of becoming inf
+    return model
+
+
+def atomic_save(obj, path: str | Path) -> int:
+    """``torch.save`` to a temporary file in the same folder, fsync, then rename over ``path``.
+
+    A kill at any moment leaves either the old file or the new one, never a truncated file; a failed write (full disk)
+    leaves the old file and raises. Returns the bytes written.
+    """
+    path = Path(path)
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    data = buffer.getvalue()
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return len(data)
+
+
+# -- restoring ---------------------------------------------------------------------------------------------------------
+def restore(model: nn.Module, entry: dict) -> None:
+    """Load a QAT entry's exact state into a model of the same structure (any format and kind)."""
+    model = unwrap(model)
+    own = model.state_dict()
+    state = entry.get("state")
+    if not isinstance(state, dict):
+        raise QATCheckpointError("QAT checkpoint entry has no state; the file is damaged, retrain or use another one")
+    missing = [k for k in state if k not in own]
+    if missing:
+        raise QATCheckpointError(
+            f"QAT checkpoint state does not fit this model ({len(missing)} tensors unknown, e.g. '{missing[0]}'); "
+            "load it with the model it was trained with"
+        )
+    with torch.no_grad():
+        for k, v in state.items():
+            if own[k].shape == v.shape:
+                own[k].copy_(v.to(own[k].dtype))
+            else:  # tracker state of a format-1 file restored into an unpickled deploy model: take it whole
+                _set_tensor(model, k, v.clone())
+    for _, q in quantizers(model):  # copy_ bypasses _load_from_state_dict: refresh host mirrors
+        q.bits, q.qn, q.qp = (int(x) for x in q.qrange.tolist())
+        q._initialized = bool(q.initialized)
+
+
+def _set_tensor(model: nn.Module, key: str, value: torch.Tensor) -> None:
+    owner, _, name = key.rpartition(".")
+    setattr(model.get_submodule(owner), name, value)
+
+
+def scale_problems(model: nn.Module) -> tuple[str | None, str | None]:
+    """(fatal, warning) about the initialised quantizers: NaN/inf scales or impossible grids are fatal; scales <= 0
+    (which the forward clamps to a tiny step, silencing those channels) are a warning. None where all is well."""
+    nonfinite, nonpositive, bad_grid = [], [], []
+    for name, q in quantizers(unwrap(model)):
+        if not q._initialized:
+            continue
+        s = q.scale.detach()
+        if not bool(torch.isfinite(s).all()):
+            nonfinite.append(name)
+        elif bool((s <= 0).any()):
+            nonpositive.append(name)
+        bits, qn, qp = q.bits, q.qn, q.qp
+        if not (2 <= bits <= 8 and qn <= 0 <= qp and qn < qp and qp - qn <= 2**bits - 1):
+            bad_grid.append(f"{name} (bits {bits}, grid [{qn}, {qp}])")
+    fatal = warning = None
+    if nonfinite:
+        fatal = f"{len(nonfinite)} learned scale tensors are NaN or inf (e.g. '{nonfinite[0]}')"
+    elif bad_grid:
+        fatal = f"{len(bad_grid)} quantizers have an impossible grid (e.g. {bad_grid[0]})"
+    if nonpositive:
+        warning = f"{len(nonpositive)} learned scale tensors have values <= 0 (e.g. '{nonpositive[0]}')"
+    return fatal, warning
+
+
+# -- reading files -----------------------------------------------------------------------------------------------------
 def check_checkpoint_path(path: str | Path) -> Path:
     """An existing local ``.pt`` file, or a one-line error (Ultralytics would try to download a missing bare name)."""
     p = Path(str(path))
@@ -30,9 +192,15 @@ def _load_errors(path: Path, load):
         return load()
     except ModuleNotFoundError as e:
         raise QATCheckpointError(f"checkpoint '{path}' needs Python module '{e.name}', which is not installed") from None
-    except (TypeError, RuntimeError, KeyError, AttributeError) as e:
+    except (TypeError, RuntimeError, KeyError, AttributeError, EOFError, ValueError) as e:
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if isinstance(e, EOFError) or "PytorchStreamReader" in msg or "zip archive" in msg:
+            msg = "the file is truncated or not a checkpoint"
         raise QATCheckpointError(f"checkpoint '{path}' could not be loaded: {msg}") from None
+    except Exception as e:  # e.g. pickle.UnpicklingError of a corrupted file
+        if type(e).__name__ != "UnpicklingError":
+            raise
+        raise QATCheckpointError(f"checkpoint '{path}' could not be loaded: the file is corrupted or not a checkpoint") from None
 
 
 def load_raw(path: str | Path) -> tuple[nn.Module, dict]:
@@ -54,15 +222,30 @@ def require_qat(model: nn.Module, ckpt: dict, path: str | Path, hint: str = "yol
     return entry
 
 
+def restore_checked(model: nn.Module, entry: dict, path: str | Path) -> None:
+    """:func:`restore`, then refuse a model whose scales or grids are unusable (NaN, inf, impossible bits)."""
+    from .utils import LOGGER
+
+    restore(model, entry)
+    fatal, warning = scale_problems(model)
+    if fatal:
+        raise QATCheckpointError(
+            f"checkpoint '{path}' holds a broken QAT model: {fatal}; the run diverged, use an earlier checkpoint or "
+            "retrain with a lower lr0 or qat.optim.scale_lr_mult"
+        )
+    if warning:
+        LOGGER.warning(f"QAT: checkpoint '{path}': {warning}; those channels quantize to zero")
+
+
 def load_qat_model(path: str | Path, hint: str = "yolo val") -> tuple[nn.Module, dict]:
     """Load a QAT checkpoint as an eval-mode fp32 model with its exact learned state, plus the checkpoint dict."""
     model, ckpt = load_raw(path)
-    QATController.restore(model, require_qat(model, ckpt, path, hint))
+    restore_checked(model, require_qat(model, ckpt, path, hint), path)
     return model, ckpt
 
 
 def restore_exact(model: nn.Module, source: nn.Module) -> bool:
-    """If ``source`` was loaded from a QAT checkpoint file, copy that file's fp32 state into ``model``.
+    """If ``source`` was loaded from a QAT checkpoint file, copy that file's exact state into ``model``.
 
     ``model.load(source)`` only sees the fp16-rounded pickled values; this re-reads the exact ones.
     """
@@ -73,7 +256,7 @@ def restore_exact(model: nn.Module, source: nn.Module) -> bool:
     entry = ckpt.get(CKPT_KEY)
     if not isinstance(entry, dict):
         return False
-    QATController.restore(model, entry)
+    restore_checked(model, entry, path)
     return True
 
 
@@ -83,5 +266,21 @@ def load_qat_yolo(path: str | Path, hint: str = "yolo val"):
 
     p = check_checkpoint_path(path)
     yolo = _load_errors(p, lambda: YOLO(str(p)))
-    QATController.restore(yolo.model, require_qat(yolo.model, yolo.ckpt, p, hint))
+    restore_checked(yolo.model, require_qat(yolo.model, yolo.ckpt, p, hint), p)
     return yolo
+
+
+def finished_or_deploy(ckpt: dict) -> str | None:
+    """Why a checkpoint cannot be resumed (a finished run, or a deploy copy), or None if it can."""
+    entry = ckpt.get(CKPT_KEY)
+    if ckpt.get("epoch", -1) == -1 or ckpt.get("optimizer") is None:
+        epochs = (ckpt.get("train_args") or {}).get("epochs", "its")
+        return f"training to {epochs} epochs is finished, nothing to resume"
+    if isinstance(entry, dict) and entry.get("kind") == "deploy":
+        return "it is a deploy checkpoint (best.pt) without training state"
+    return None
+
+
+__all__ = ["CKPT_KEY", "CKPT_FORMAT", "atomic_save", "check_checkpoint_path", "deploy_pickle_and_entry",
+           "finished_or_deploy", "load_qat_model", "load_qat_yolo", "load_raw", "require_qat", "restore",
+           "restore_checked", "restore_exact", "resume_entry", "resume_pickle", "scale_problems"]

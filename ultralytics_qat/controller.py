@@ -2,7 +2,8 @@
 
 The trainer subclass, the validator subclass and the drop-in callbacks are thin front doors that call it at the right
 moments; it never imports them. It holds the config, performs the quantizer surgery, calibrates, gives the learned
-scales their own optimizer group, and turns the model's QAT state into (and back from) a checkpoint entry.
+scales their own optimizer group, and runs the stabilizers' hooks. Checkpoint entries are ``ultralytics_qat.checkpoint``'s
+job; the life of a training run (when each hook fires, data, checkpoints) is ``ultralytics_qat.engine.QATRun``'s.
 """
 
 from __future__ import annotations
@@ -14,12 +15,8 @@ from torch import nn
 
 from .config import QATConfig
 from .quant import LSQQuantizer, QConv2d, format_plan, quantize_model
-from .stabilize import TrainState, build_stabilizers
+from .stabilize import Stabilizer, TrainState, build_stabilizers
 from .utils import LOGGER
-
-CKPT_KEY = "qat"  # top-level checkpoint key of the fp32 QAT state
-CKPT_FORMAT = 1
-
 
 def quantizers(model: nn.Module) -> list[tuple[str, LSQQuantizer]]:
     """All (name, quantizer) pairs of a model."""
@@ -90,12 +87,23 @@ class QATController:
         for st in self.stabilizers:
             getattr(st, event)(state)
 
-    def epoch_end(self, state: TrainState, final: bool) -> None:
-        """End of a training epoch, before validation: stabilizer logs, post-QAT stages, EMA sync, BN re-estimation."""
+    def epoch_end(self, state: TrainState) -> None:
+        """End of a training epoch, before validation: stabilizer logs, EMA sync, BN re-estimation."""
         self.run("on_epoch_end", state)
         self.log_scales(state)
-        if final:
-            self.run("post_qat", state)
+        if state.ema is not None:
+            sync_integer_state(state.model, state.ema)
+        self.run("before_validation", state)
+
+    @property
+    def has_post_qat(self) -> bool:
+        """True if a stabilizer has a post-QAT stage (QC, AFW)."""
+        return any(type(st).post_qat is not Stabilizer.post_qat for st in self.stabilizers)
+
+    def finalize(self, state: TrainState) -> None:
+        """After the last epoch, whatever stopped it: post-QAT stages, EMA sync, then what precedes a validation."""
+        state.final = True
+        self.run("post_qat", state)
         if state.ema is not None:
             sync_integer_state(state.model, state.ema)
         self.run("before_validation", state)
@@ -176,40 +184,18 @@ class QATController:
         ids = {id(p) for p in scales}
         for group in optimizer.param_groups:
             group["params"] = [p for p in group["params"] if id(p) not in ids]
-        base_lr = optimizer.defaults.get("lr", optimizer.param_groups[0]["lr"])
+        # Ultralytics sets lr and momentum per group (optimizer.defaults holds torch's defaults, not the lr in use):
+        # copy the weight group's hyperparameters, so warm-up and the scheduler move the scales' lr in step with it
+        ref = next((g for g in optimizer.param_groups if g.get("param_group") == "weight"), optimizer.param_groups[0])
+        hyper = {k: v for k, v in ref.items() if k not in {"params", "param_group", "weight_decay", "initial_lr", "use_muon"}}
+        if any("use_muon" in g for g in optimizer.param_groups):
+            hyper["use_muon"] = False  # 1-D scales get MuSGD's SGD update only
         optimizer.add_param_group(
             {
+                **hyper,
                 "params": scales,
-                "lr": base_lr * self.config.optim.scale_lr_mult,
+                "lr": ref["lr"] * self.config.optim.scale_lr_mult,
                 "weight_decay": self.config.optim.scale_weight_decay,
                 "param_group": "qat_scale",
             }
         )
-
-    # -- checkpoints -------------------------------------------------------------------------------------------------
-    def checkpoint_entry(self, model: nn.Module) -> dict:
-        """The fp32 QAT state stored under ``ckpt["qat"]`` (Ultralytics pickles its EMA model in fp16)."""
-        state = {k: v.detach().float().cpu().clone() if v.is_floating_point() else v.detach().cpu().clone()
-                 for k, v in unwrap(model).state_dict().items()}
-        return {"format": CKPT_FORMAT, "config": self.config.to_dict(), "state": state}
-
-    @staticmethod
-    def restore(model: nn.Module, entry: dict) -> None:
-        """Load the exact fp32 state of :meth:`checkpoint_entry` into a model of the same structure."""
-        model = unwrap(model)
-        own = model.state_dict()
-        missing = [k for k in own if k not in entry["state"]]
-        if missing:
-            from .errors import QATCheckpointError
-
-            raise QATCheckpointError(
-                f"QAT checkpoint state does not fit this model ({len(missing)} tensors missing, e.g. '{missing[0]}'); "
-                "load it with the model it was trained with"
-            )
-        with torch.no_grad():
-            for k, v in own.items():
-                v.copy_(entry["state"][k].to(v.dtype))
-        for _, q in quantizers(model):  # copy_ bypasses _load_from_state_dict: refresh host mirrors
-            q.bits, q.qn, q.qp = (int(x) for x in q.qrange.tolist())
-            q._initialized = bool(q.initialized)
-

@@ -180,9 +180,6 @@ class AFW(Stabilizer):
     def __init__(self, epochs=1, gamma=1.1, lam=0.1, lr=1e-3, min_frequency=0.005):
         self.epochs, self.gamma, self.lam, self.lr, self.min_frequency = epochs, gamma, lam, lr, min_frequency
 
-    def on_epoch_end(self, state: TrainState) -> None:
-        state.log["qat/afw_changed"] = 0.0  # every epoch: results.csv needs the same columns in every row
-
     def post_qat(self, state: TrainState) -> None:
         if state.batches is None:
             return

@@ -30,6 +30,7 @@ class TrainState:
         batches: Callable returning a fresh iterator of preprocessed training batches (dicts with ``img``).
         log: Scalars to record for this epoch; keys ``qat/...`` land in results.csv and TensorBoard.
         base_lrs: Learning rates the scheduler set for this epoch, one per optimizer group.
+        final: True after training has stopped (any reason), while the post-QAT stages and their validation run.
     """
 
     model: nn.Module
@@ -42,6 +43,7 @@ class TrainState:
     batches: Callable[[], Iterator[dict]] | None = None
     log: dict = field(default_factory=dict)
     base_lrs: list = field(default_factory=list)
+    final: bool = False
 
     @property
     def progress(self) -> float:
@@ -78,10 +80,10 @@ class Stabilizer:
         """After the epoch's last batch, before validation; record scalars in ``state.log``."""
 
     def post_qat(self, state: TrainState) -> None:
-        """After the last epoch's training and before its validation: post-QAT stages (QC, AFW)."""
+        """After training stopped (last epoch, patience, ``time=``, a stop request): post-QAT stages (QC, AFW)."""
 
     def before_validation(self, state: TrainState) -> None:
-        """Right before the EMA model is validated (and then saved)."""
+        """Right before the EMA model is validated (and then saved); once more after the post-QAT stages."""
 
 
 def cosine_ramp(progress: float, start: float, begin: float, end: float) -> float:

@@ -62,7 +62,7 @@ class BatchNormStabilizer(Stabilizer):
         reestimate: Re-estimate before each validation (and so before every checkpoint is written).
         batches: Batches per re-estimation, capped at one pass over the training data.
         freeze_epoch: From this epoch on, BN layers of the training model stay in eval mode; None = never.
-        skip_final: Skip the re-estimation of the last epoch (when QC already re-estimated and then corrected BN).
+        skip_final: Skip the re-estimation after the post-QAT stages (QC re-estimates, then corrects BN itself).
     """
 
     name = "bn"
@@ -80,6 +80,6 @@ class BatchNormStabilizer(Stabilizer):
         if not self.reestimate:
             return
         n = 0  # logged every epoch, 0 when skipped: results.csv keeps the columns of its first row
-        if state.ema is not None and state.batches is not None and not (self.skip_final and state.epoch + 1 >= state.epochs):
+        if state.ema is not None and state.batches is not None and not (self.skip_final and state.final):
             n = reestimate_bn(state.ema, state.images(), min(self.batches, state.batches_per_epoch))
         state.log["qat/bn_reestimate_batches"] = float(n)

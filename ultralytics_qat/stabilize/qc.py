@@ -220,7 +220,7 @@ def quantization_correction(
 
 
 class QuantizationCorrection(Stabilizer):
-    """Runs QC on the EMA model in ``post_qat`` (after the last epoch's training, before its validation and save).
+    """Runs QC on the EMA model in ``post_qat`` (once training stopped, before the final validation and save).
 
     Args:
         epochs: QC passes over the training data.
@@ -236,10 +236,6 @@ class QuantizationCorrection(Stabilizer):
         self.epochs, self.lr, self.bn_batches = epochs, lr, bn_batches
         self.result: dict | None = None
 
-    def on_epoch_end(self, state: TrainState) -> None:
-        # placeholders every epoch (post_qat overwrites them in the last): results.csv takes its columns from row one
-        state.log["qat/qc_loss_start"] = state.log["qat/qc_loss_end"] = float("nan")
-
     def post_qat(self, state: TrainState) -> None:
         model = state.ema if state.ema is not None else state.model
         if state.batches is None:
@@ -251,8 +247,7 @@ class QuantizationCorrection(Stabilizer):
         self.result = r = quantization_correction(
             model, state.batches, criterion, self.epochs, self.lr, total=state.batches_per_epoch
         )
-        state.log["qat/qc_loss_start"] = r["loss_start"]
-        state.log["qat/qc_loss_end"] = r["loss_end"]
+        state.log["qat/qc_loss_start"], state.log["qat/qc_loss_end"] = r["loss_start"], r["loss_end"]
         LOGGER.info(
             f"QAT: quantization correction on {r['layers']} layers, {r['steps']} steps: "
             f"loss {r['loss_start']:.4g} -> {r['loss_end']:.4g} (first batch)"
