@@ -13,7 +13,7 @@ import torch
 from helpers_ops import assert_lsq_close, grad_s_tol, run
 
 import ultralytics_qat.ops as ops
-from ultralytics_qat.ops import cpu_compile, lsq_fake_quantize, lsq_fake_quantize_reference
+from ultralytics_qat.ops import async_compile, cpu_compile, lsq_fake_quantize, lsq_fake_quantize_reference
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -135,14 +135,23 @@ def test_compiled_cpu_backward_matches_twin(monkeypatch):
 
 
 def test_compile_failure_falls_back_to_eager(monkeypatch, caplog):
-    compiler = cpu_compile._Compiler()
-    monkeypatch.setattr(compiler, "warm", lambda key: (_ for _ in ()).throw(RuntimeError("no C++ compiler")))
+    def no_compiler(key):
+        def warm(fn):
+            raise RuntimeError("no C++ compiler")
+
+        return warm
+
+    monkeypatch.setattr(cpu_compile, "_backward_warm", no_compiler)
+    compiler = cpu_compile._BackwardCompiler()
     monkeypatch.setattr(cpu_compile, "_COMPILER", compiler)
     monkeypatch.setattr(ops.backend, "_warned", set())
+    monkeypatch.setitem(async_compile.PATHS, "lsq_backward", async_compile.PathStats())
     monkeypatch.setenv("ULTRALYTICS_QAT_CPU_COMPILE", "sync")
     x, s, go = torch.randn(cpu_compile.MIN_NUMEL), torch.tensor([0.1]), torch.randn(cpu_compile.MIN_NUMEL)
     out = run(lsq_fake_quantize, x, s, go, -8, 7, 0.1)
     assert compiler.failed and not compiler.fns and "no C++ compiler" in caplog.text
+    path = ops.cpu_compile_paths()["lsq_backward"]
+    assert path.last == "eager" and "no C++ compiler" in path.fallback  # the fallback is reported, with its reason
     assert_lsq_close(out, run(lsq_fake_quantize_reference, x, s, go, -8, 7, 0.1), grad_s_tol(x, s, go, 0.1))
 
 
@@ -167,8 +176,9 @@ def test_compiled_cpu_tracking_matches_twin_bitwise(monkeypatch, shape, ch_axis,
         for x, y in zip(fast, ref):
             assert torch.equal(x, y), step
     assert ref[2].any() and ref[4].max() > 0  # the run did oscillate and freeze
-    if not cpu_compile_track._COMPILER.failed:
-        assert cpu_compile_track._COMPILER.fn is not None  # it really ran compiled
+    unit = cpu_compile_track._COMPILED[ch_axis is not None]
+    if not unit.failed:  # it really ran compiled
+        assert unit.fn is not None and ops.cpu_compile_paths()["track_oscillations"].last == "compiled"
 
 
 @pytest.mark.parametrize("shape,ch_axis", [((cpu_compile.MIN_NUMEL + 3,), None), ((16, 8, 3, 3 * 64), 0)])

@@ -6,10 +6,13 @@ CUDA and to the PyTorch twin elsewhere; see ``backend.py`` for ``ULTRALYTICS_QAT
 - :func:`lsq_fake_quantize` and its twin/oracle :func:`lsq_fake_quantize_reference`
 - :func:`lsq_conv2d`: input fake quantization fused with its conv (saves memory in training)
 - :func:`track_oscillations` and its twin :func:`track_oscillations_reference`, with :func:`init_oscillation_state`
+- :func:`cpu_compile_paths`: which CPU path (Inductor-compiled or eager twin) the calls of each op took, and why a
+  compile fell back if one did (``ULTRALYTICS_QAT_CPU_COMPILE``, see ``cpu_compile.py``)
 
 Importing this package never imports triton.
 """
 
+from .async_compile import PathStats, cpu_compile_paths, reset_cpu_compile_paths
 from .backend import BACKEND_ENV, BackendUnavailableError, has_triton
 from .cpu_compile import CPU_COMPILE_ENV
 from .dispatch import lsq_fake_quantize, track_oscillations
@@ -23,11 +26,14 @@ __all__ = [
     "SCALE_EPS",
     "BackendUnavailableError",
     "OscillationState",
+    "PathStats",
+    "cpu_compile_paths",
     "has_triton",
     "init_oscillation_state",
     "lsq_conv2d",
     "lsq_fake_quantize",
     "lsq_fake_quantize_reference",
+    "reset_cpu_compile_paths",
     "track_oscillations",
     "track_oscillations_reference",
 ]

@@ -1,23 +1,28 @@
-"""The fast CPU path of the LSQ backward: the PyTorch twin's closed form compiled once by TorchInductor.
+"""The fast CPU path of LSQ: the PyTorch twin's forward and backward compiled once by TorchInductor.
 
 Why: eager PyTorch spends ~10 memory passes (and as many page-faulting allocations) on the backward, and the builtin
 ``torch._fake_quantize_learnable_*`` ops run a scalar loop that also computes a zero-point gradient; one fused,
-vectorised loop is 10-30x faster than either (``scripts/bench_ops.py``). The forward stays eager: 4 in-place passes,
-already 20-40x faster than the builtin's, and not worth a compile.
+vectorised loop is 10-30x faster than either (``scripts/bench_ops.py``). The forward is one fused pass too (fp32),
+bitwise the twin's 4 in-place passes.
 
 How: ``reference.lsq_backward_terms`` is compiled with ``dynamic=True`` and with qn, qp, PulseSmooth delta and k as 0-d
-tensors, so one graph per (per-tensor | per-channel with rows up to / over 4096, dtype, frozen mask, distance scaling)
-serves every shape, bit
-width and layer. Graphs are cached on disk by Inductor (cold ~8-10 s for the first, ~1-3 s warm, per process).
+tensors, so one graph per kind (per-tensor | per-channel with rows up to / over 4096, dtype, frozen mask, distance
+scaling) serves every shape, bit width and layer. Graphs are cached on disk by Inductor (cold ~8-10 s for the first,
+~1-3 s warm, per process). Each kind is its own ``async_compile.AsyncCompiled`` unit, which keeps every call's guards
+equal to its warm-up's, so a training run compiles each kind once, whatever the image sizes.
 
-``ULTRALYTICS_QAT_CPU_COMPILE`` chooses when:
+``ULTRALYTICS_QAT_CPU_COMPILE`` chooses when (see :func:`compile_mode`):
 
 - ``async`` (default): the first call of a kind runs eager and starts the compile on a background thread, so the first
-  training step is not held up; later calls use the compiled graph once it is ready.
+  training step is not held up; later calls use the compiled graph once it is ready. Under deterministic training
+  (``torch.are_deterministic_algorithms_enabled()``) it acts as ``sync``.
 - ``sync``: compile on the first call (blocks it; used by the tests and the benchmark).
 - ``off``: eager only.
 
-Any failure (no C++ compiler, unsupported Python, ...) logs one warning and falls back to eager for the process.
+Inference-mode calls (validation, BN re-estimation under ``torch.inference_mode``) always run the eager twin: their
+tensors differ in a guarded property (dispatch keys), and compiling them too would spend the training graph's
+recompile budget. Any failure (no C++ compiler, unsupported Python, ...) logs one warning with its reason and falls
+back to eager for the process. ``ops.cpu_compile_paths()`` reports which path the calls took.
 """
 
 from __future__ import annotations
@@ -27,8 +32,7 @@ import threading
 
 import torch
 
-from .async_compile import AsyncCompiled
-from .backend import warn_once
+from .async_compile import AsyncCompiled, warm_randn
 from .reference import SCALE_EPS, lsq_backward_terms
 
 CPU_COMPILE_ENV = "ULTRALYTICS_QAT_CPU_COMPILE"
@@ -49,83 +53,67 @@ def _bwd_per_channel(g, x, s, qn, qp, pulse_on, pulse_delta, dist_k, frozen, has
     return gx.to(x.dtype), prod.sum(dim=1)
 
 
-class _Compiler:
-    """Compiled graphs by kind; thread-safe; resets in forked children (a pending compile does not survive fork)."""
+def _backward_name(key: tuple) -> str:
+    per_channel, long_rows, dtype, frozen_dtype, has_dist = key
+    parts = ["per channel" + (", long rows" if long_rows else "") if per_channel else "per tensor", str(dtype)[6:]]
+    parts += [f"frozen {str(frozen_dtype)[6:]}"] if frozen_dtype is not None else []
+    parts += ["distance scaling"] if has_dist else []
+    return f"LSQ backward ({', '.join(parts)})"
+
+
+def _backward_warm(key: tuple):
+    """The warm-up of ``key``: small fixed examples (sizes are symbolic, so they generalise; values do not matter)."""
+    per_channel, long_rows, dtype, frozen_dtype, has_dist = key
+    shape = (4, 2 * ACC_CHUNK if long_rows else 16) if per_channel else (MIN_NUMEL,)
+
+    def warm(fn) -> None:
+        g = warm_randn(*shape).to(dtype)
+        x = (g * 4).to(dtype)
+        s = torch.full((4, 1) if per_channel else (), 0.5)
+        frozen = None if frozen_dtype is None else torch.zeros(shape, dtype=frozen_dtype)
+        fn(g, x, s, *_scalar_tensors(-8, 7, 0.1, 0.5), frozen, has_dist)
+
+    return warm
+
+
+class _BackwardCompiler:
+    """One compiled unit per kind of backward call (its key, see ``lsq_backward_compiled``), made on first use.
+
+    Each kind is its own unit (own graph, own recompile budget) instead of guards of one function: a frozen mask, a
+    dtype or long rows never evict or recompile another kind's graph.
+    """
 
     def __init__(self) -> None:
-        self.lock = threading.Lock()
         self.reset()
 
     def reset(self) -> None:
-        self.fns: dict[tuple, object] = {}  # key -> compiled callable
-        self.pending: set[tuple] = set()
-        self.failed = False
-        self.compiled: dict[str, object] = {}
+        self.lock = threading.Lock()
+        self.units: dict[tuple, AsyncCompiled] = {}
 
-    def _compiled(self, per_channel: bool):
-        name = "channel" if per_channel else "tensor"
-        if name not in self.compiled:
-            fn = _bwd_per_channel if per_channel else _bwd_per_tensor
-            self.compiled[name] = torch.compile(fn, dynamic=True, fullgraph=True)
-        return self.compiled[name]
+    def unit(self, key: tuple) -> AsyncCompiled:
+        with self.lock:
+            if key not in self.units:
+                fn = _bwd_per_channel if key[0] else _bwd_per_tensor
+                self.units[key] = AsyncCompiled(fn, _backward_warm(key), _backward_name(key), "lsq_backward")
+            return self.units[key]
 
-    def fail(self, e: BaseException) -> None:
-        self.failed = True
-        warn_once(
-            "cpu-compile",
-            f"TorchInductor compile of the LSQ CPU backward failed ({type(e).__name__}: {str(e).splitlines()[0][:200]});"
-            f" using the eager PyTorch path (slower). Set {CPU_COMPILE_ENV}=off to silence.",
-        )
+    @property
+    def failed(self) -> bool:
+        return any(u.failed for u in self.units.values())
+
+    @property
+    def fns(self) -> dict[tuple, object]:
+        """The compiled callable of every kind that is ready."""
+        return {k: u.fn for k, u in self.units.items() if u.fn is not None}
 
     def warm(self, key: tuple) -> None:
-        """Compile ``key`` by running it once on small example tensors (sizes are symbolic, so they generalise)."""
-        per_channel, long_rows, dtype, frozen_dtype, has_dist = key
-        shape = (4, 2 * ACC_CHUNK if long_rows else 16) if per_channel else (MIN_NUMEL,)
-        x = torch.randn(shape, dtype=dtype) * 4
-        g = torch.randn(shape, dtype=dtype)
-        s = torch.full((4, 1) if per_channel else (), 0.5)
-        frozen = None if frozen_dtype is None else torch.zeros(shape, dtype=frozen_dtype)
-        args = _scalar_tensors(-8, 7, 0.1, 0.5)
-        with torch.no_grad():
-            self._compiled(per_channel)(g, x, s, *args, frozen, has_dist)
-
-    def _worker(self, key: tuple) -> None:
-        try:
-            self.warm(key)
-            with self.lock:
-                self.fns[key] = self._compiled(key[0])
-        except Exception as e:  # noqa: BLE001 - any compile failure means: stay eager
-            self.fail(e)
-        finally:
-            with self.lock:
-                self.pending.discard(key)
-
-    def get(self, key: tuple, mode: str):
-        """The compiled callable for ``key``, or None while it is not ready (async) or unavailable."""
-        if self.failed:
-            return None
-        with self.lock:
-            fn = self.fns.get(key)
-            if fn is not None or mode == "async" and key in self.pending:
-                return fn
-            if mode == "async":
-                self.pending.add(key)
-                # not a daemon: the interpreter joins it at exit; killing it mid-compile aborts the process
-                threading.Thread(target=self._worker, args=(key,), name="ultralytics-qat-compile", daemon=False).start()
-                return None
-        try:  # sync: compile here, on the caller's thread
-            self.warm(key)
-        except Exception as e:  # noqa: BLE001
-            self.fail(e)
-            return None
-        with self.lock:
-            self.fns[key] = self._compiled(key[0])
-        return self.fns[key]
+        """Compile ``key`` now, on this thread (``scripts/bench_ops.py`` times it)."""
+        self.unit(key).get("sync")
 
 
-_COMPILER = _Compiler()
+_COMPILER = _BackwardCompiler()
 if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_COMPILER.reset)
+    os.register_at_fork(after_in_child=_COMPILER.reset)  # units reset themselves; the lock may be held by a dead thread
 
 
 def _scalar_tensors(qn, qp, pulse_delta, dist_k):
@@ -140,18 +128,29 @@ def _scalar_tensors(qn, qp, pulse_delta, dist_k):
 
 
 def compile_mode() -> str:
-    """The mode named by ``ULTRALYTICS_QAT_CPU_COMPILE`` (``async`` when unset)."""
+    """When to compile: ``ULTRALYTICS_QAT_CPU_COMPILE`` (``async`` when unset), ``sync`` under deterministic training.
+
+    Deterministic training (``torch.use_deterministic_algorithms(True)``, which Ultralytics' ``deterministic=True``
+    sets) compiles on first use and runs compiled from the first step: in the background the switch from the eager
+    twin would land on a time-dependent step, and the two paths' scale gradients differ in the last bits.
+    """
     mode = os.environ.get(CPU_COMPILE_ENV, "async").strip().lower() or "async"
     if mode not in MODES:
         raise ValueError(f"{CPU_COMPILE_ENV}={mode!r} is invalid; use one of {', '.join(MODES)}.")
+    if mode == "async" and torch.are_deterministic_algorithms_enabled():
+        return "sync"
     return mode
+
+
+def _rows(t: torch.Tensor, ch_axis: int) -> torch.Tensor:
+    """``t`` as a contiguous [C, rest] matrix with the channel axis first."""
+    return t.movedim(ch_axis, 0).reshape(t.shape[ch_axis], -1).contiguous()
 
 
 def lsq_backward_compiled(grad_out, x, scale, qn, qp, grad_scale, ch_axis=None, pulse_delta=0.0, dist_k=0.0,
                           frozen=None):  # fmt: skip
     """``reference.lsq_backward`` through the compiled graph; None when it is not available (the caller runs eager)."""
-    mode = compile_mode()
-    if mode == "off" or x.device.type != "cpu" or x.numel() < MIN_NUMEL or x.dim() == 0:
+    if x.device.type != "cpu" or x.numel() < MIN_NUMEL or x.dim() == 0:
         return None
     per_channel = ch_axis is not None
     if per_channel:
@@ -161,24 +160,18 @@ def lsq_backward_compiled(grad_out, x, scale, qn, qp, grad_scale, ch_axis=None, 
     frozen_dtype = None if frozen is None else torch.uint8 if frozen.dtype == torch.bool else frozen.dtype
     long_rows = per_channel and x.numel() // x.shape[ch_axis] > ACC_CHUNK
     key = (per_channel, long_rows, x.dtype, frozen_dtype, bool(dist_k))
-    fn = _COMPILER.get(key, mode)
-    if fn is None:
-        return None
     s = scale.detach().float().clamp_min(SCALE_EPS)
-    if per_channel:
-        to2d = (lambda t: t.movedim(ch_axis, 0).reshape(t.shape[ch_axis], -1)) if ch_axis else (
-            lambda t: t.reshape(t.shape[0], -1))
-        xs, gs, fs, s = to2d(x), to2d(grad_out), None if frozen is None else to2d(frozen), s.reshape(-1, 1)
-    else:
-        xs, gs, fs, s = x.reshape(-1), grad_out.reshape(-1), None if frozen is None else frozen.reshape(-1), s.reshape(())
+    # contiguous inputs: Dynamo guards on strides, and grad_out of a sum() is an expanded (stride 0) tensor
+    flat = (lambda t: _rows(t, ch_axis)) if per_channel else (lambda t: t.reshape(-1).contiguous())
+    xs, gs, fs = flat(x), flat(grad_out), None if frozen is None else flat(frozen)
+    s = s.reshape(-1, 1) if per_channel else s.reshape(())
     if fs is not None and fs.dtype == torch.bool:
         fs = fs.view(torch.uint8)
-    try:
-        with torch.no_grad():
-            gx, gsum = fn(gs.detach(), xs.detach(), s, *_scalar_tensors(qn, qp, pulse_delta, dist_k), fs, bool(dist_k))
-    except Exception as e:  # noqa: BLE001 - e.g. a recompile that fails: eager from now on
-        _COMPILER.fail(e)
+    out = _COMPILER.unit(key).run(compile_mode(), gs, xs, s, *_scalar_tensors(qn, qp, pulse_delta, dist_k), fs,
+                                  bool(dist_k))  # fmt: skip
+    if out is None:
         return None
+    gx, gsum = out
     if per_channel:
         gx = gx.view(x.movedim(ch_axis, 0).shape).movedim(0, ch_axis) if ch_axis else gx.view(x.shape)
     else:
@@ -192,16 +185,16 @@ def _fwd(x, s, qn, qp):
 
 
 def _warm_fwd_tensor(fn) -> None:
-    fn(torch.randn(MIN_NUMEL + 1), torch.tensor(0.5), torch.tensor(-8.0), torch.tensor(7.0))
+    fn(warm_randn(MIN_NUMEL + 1), torch.tensor(0.5), torch.tensor(-8.0), torch.tensor(7.0))
 
 
 def _warm_fwd_channel(fn) -> None:
-    fn(torch.randn(4, MIN_NUMEL // 4 + 1), torch.full((4, 1), 0.5), torch.tensor(-8.0), torch.tensor(7.0))
+    fn(warm_randn(4, MIN_NUMEL // 4 + 1), torch.full((4, 1), 0.5), torch.tensor(-8.0), torch.tensor(7.0))
 
 
 _FWD = {
-    False: AsyncCompiled(_fwd, _warm_fwd_tensor, "LSQ forward (per tensor)"),
-    True: AsyncCompiled(_fwd, _warm_fwd_channel, "LSQ forward (per channel)"),
+    False: AsyncCompiled(_fwd, _warm_fwd_tensor, "LSQ forward (per tensor)", "lsq_forward"),
+    True: AsyncCompiled(_fwd, _warm_fwd_channel, "LSQ forward (per channel)", "lsq_forward"),
 }
 
 
@@ -212,15 +205,8 @@ def lsq_forward_compiled(x, scale, qn, qp, ch_axis=None):
     per_channel = ch_axis is not None
     if per_channel and (ch_axis % x.dim() != 0 or x.shape[0] < 2 or x.numel() // x.shape[0] < 2):
         return None
-    fn = _FWD[per_channel].get(compile_mode())
-    if fn is None:
-        return None
     s = scale.detach().float().clamp_min(SCALE_EPS)
     xs = x.reshape(x.shape[0], -1) if per_channel else x.reshape(-1)
     s = s.reshape(-1, 1) if per_channel else s.reshape(())
-    try:
-        y = fn(xs, s, torch.tensor(float(qn)), torch.tensor(float(qp)))
-    except Exception as e:  # noqa: BLE001
-        _FWD[per_channel].fail(e)
-        return None
-    return y.view(x.shape)
+    y = _FWD[per_channel].run(compile_mode(), xs.contiguous(), s, torch.tensor(float(qn)), torch.tensor(float(qp)))
+    return None if y is None else y.view(x.shape)

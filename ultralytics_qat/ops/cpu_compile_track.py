@@ -3,22 +3,23 @@
 Why: the eager twin runs ~15 elementwise kernels per tracked layer and step (about 45 ms per step for yolov8n's
 2.8M tracked 4-bit weights on one thread, a third of QAT's overhead); one fused loop does the same work in a single
 pass. Same policy as the LSQ backward (``cpu_compile``): ``ULTRALYTICS_QAT_CPU_COMPILE=async|sync|off``, compiled in
-the background while the eager twin runs, any failure means eager for the rest of the process. Scalars (qn, qp,
-momentum, threshold) are 0-d tensors and sizes are dynamic, so one graph serves every layer and bit width.
+the background while the eager twin runs (on first use under deterministic training), inference-mode calls eager,
+any failure means eager for the rest of the process. Scalars (qn, qp, momentum, threshold) are 0-d tensors and sizes
+are dynamic, so one graph per layout (per tensor, per channel) serves every layer and bit width.
 """
 
 from __future__ import annotations
 
 import torch
 
-from .async_compile import AsyncCompiled
+from .async_compile import AsyncCompiled, warm_randn
 from .cpu_compile import compile_mode
 
 MIN_NUMEL = 1 << 12  # smaller tensors: eager costs about the same
 
 
 def _track_core(w, s, qn, qp, m, thr, prev_int, prev_dir, frozen, frozen_int, freq, ema_int):
-    """The twin's update (``oscillation.track_oscillations_reference``) on 2-D views, state updated in place."""
+    """The twin's update (``oscillation.track_oscillations_reference``) on flat or [rows, n] views, state in place."""
     keep = 1.0 - m
     fz = frozen != 0
     x_int = torch.where(fz, frozen_int.float(), torch.clamp(torch.round(w.float() / s), qn, qp))
@@ -40,15 +41,26 @@ def _track_core(w, s, qn, qp, m, thr, prev_int, prev_dir, frozen, frozen_int, fr
     return osc.sum()
 
 
-def _warm(fn) -> None:
-    w = torch.randn(4, MIN_NUMEL // 2)
-    z8 = torch.zeros(w.shape, dtype=torch.int8)
-    zf = torch.zeros(w.shape)
-    fn(w, torch.full((4, 1), 0.5), *(torch.tensor(v) for v in (-7.0, 7.0, 0.01, 0.1)), z8, z8.clone(), z8.clone(),
-       z8.clone(), zf, zf.clone())
+def _warm(rows: int | None):
+    """Warm-up on a [rows, n] (per channel) or flat (per tensor) weight, with that layout's scale."""
+
+    def warm(fn) -> None:
+        shape = (rows, MIN_NUMEL // 2) if rows else (2 * MIN_NUMEL,)
+        w = warm_randn(*shape)
+        z8 = torch.zeros(shape, dtype=torch.int8)
+        zf = torch.zeros(shape)
+        s = torch.full((rows, 1), 0.5) if rows else torch.tensor(0.5)
+        fn(w, s, *(torch.tensor(v) for v in (-7.0, 7.0, 0.01, 0.1)), z8, z8.clone(), z8.clone(), z8.clone(), zf,
+           zf.clone())  # fmt: skip
+
+    return warm
 
 
-_COMPILER = AsyncCompiled(_track_core, _warm, "oscillation tracking")
+# per tensor on flat views: a [1, n] view would specialise its size-1 dim and recompile against the per-channel graph
+_COMPILED = {
+    False: AsyncCompiled(_track_core, _warm(None), "oscillation tracking (per tensor)", "track_oscillations"),
+    True: AsyncCompiled(_track_core, _warm(4), "oscillation tracking (per channel)", "track_oscillations"),
+}
 
 
 def track_compiled(w, scale, qn, qp, prev_int, prev_dir, frozen, frozen_int, freq, ema_int, momentum, threshold,
@@ -56,19 +68,13 @@ def track_compiled(w, scale, qn, qp, prev_int, prev_dir, frozen, frozen_int, fre
     """One tracking step through the compiled graph, state updated in place; None when unavailable (run eager)."""
     if w.device.type != "cpu" or w.numel() < MIN_NUMEL or w.dim() == 0:
         return None
-    fn = _COMPILER.get(compile_mode())
-    if fn is None:
-        return None
-    rows = w.shape[0] if ch_axis is not None else 1
-    if ch_axis is not None and (rows < 2 or w.numel() // rows < 2):
+    per_channel = ch_axis is not None
+    rows = w.shape[0]
+    if per_channel and (rows < 2 or w.numel() // rows < 2):
         return None  # size-1 dims would specialise the dynamic graph
-    view = (lambda t: t.reshape(rows, -1))
-    s = scale.detach().float().clamp_min(1e-8).reshape(-1, 1) if ch_axis is not None else scale.detach().float().reshape(1, 1)
+    view = (lambda t: t.reshape(rows, -1)) if per_channel else (lambda t: t.reshape(-1))
+    s = scale.detach().float().clamp_min(1e-8).reshape(-1, 1) if per_channel else scale.detach().float().reshape(())
     scal = [torch.tensor(float(v)) for v in (qn, qp, momentum, threshold)]
     state = [prev_int, prev_dir, frozen, frozen_int, freq, ema_int]  # contiguous (checked): views share storage
-    try:
-        with torch.no_grad():
-            return fn(view(w.detach()), s, *scal, *(view(t) for t in state))
-    except Exception as e:  # noqa: BLE001
-        _COMPILER.fail(e)
-        return None
+    w = view(w.detach()).contiguous()
+    return _COMPILED[per_channel].run(compile_mode(), w, s, *scal, *(view(t) for t in state))

@@ -3,7 +3,8 @@
 Both are ``torch.library`` custom ops (namespace ``ultralytics_qat``) with fake (meta) implementations and, for LSQ,
 a registered autograd formula, so they run under ``torch.compile(fullgraph=True)`` as single opaque nodes. The backend
 is chosen inside the op per call (``backend.use_triton``): the Triton kernels for CUDA tensors, the PyTorch twin
-otherwise (on CPU with the Inductor-compiled backward of ``cpu_compile``). Modules never choose a backend.
+otherwise (on CPU through the Inductor-compiled graphs of ``cpu_compile`` and ``cpu_compile_track`` where they apply;
+``cpu_compile_paths()`` tells which path the calls took). Modules never choose a backend.
 """
 
 from __future__ import annotations
