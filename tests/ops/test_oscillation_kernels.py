@@ -86,3 +86,30 @@ def test_tracker_rejects_bad_state():
         track_oscillations(w, s, 0, 255, *st, momentum=0.1, freeze_threshold=0)
     with pytest.raises(ValueError, match="contiguous"):
         track_oscillations(w.t(), s, -8, 7, *(t.t() for t in st), momentum=0.1, freeze_threshold=0)
+
+
+@pytest.mark.parametrize("scale", [5e-9, -0.3])
+@pytest.mark.parametrize("per_channel", [False, True])
+@pytest.mark.parametrize("backend", ["eager", "compiled", "triton"])
+def test_tracker_clamps_the_scale_like_the_forward(request, monkeypatch, backend, per_channel, scale):
+    """At s <= SCALE_EPS every tracker path quantizes with the forward's clamped scale: same integers as the forward."""
+    from ultralytics_qat.ops import SCALE_EPS, cpu_compile_paths, lsq_fake_quantize
+
+    if backend == "triton":
+        request.getfixturevalue("triton_backend")
+    elif backend == "compiled":
+        monkeypatch.setenv("ULTRALYTICS_QAT_CPU_COMPILE", "sync")
+    w = torch.randn(64, 72) * 3e-8  # 4608 elements: big enough for the compiled path; codes spread at s = 1e-8
+    s = torch.full((64,) if per_channel else (1,), scale)
+    ch_axis = 0 if per_channel else None
+    state = init_oscillation_state(w, torch.full_like(s, 0.1), -8, 7, ch_axis)
+    track_oscillations(w, s, -8, 7, *state, momentum=0.1, freeze_threshold=0.0, ch_axis=ch_axis)
+    codes = torch.clamp(torch.round(w / SCALE_EPS), -8, 7)
+    assert torch.equal(state.prev_int.float(), codes)
+    forward = lsq_fake_quantize(w, s, -8, 7, 1.0, ch_axis)
+    assert torch.equal(torch.round(forward / SCALE_EPS), codes)  # the forward's integers
+    if backend == "compiled":
+        path = cpu_compile_paths()["track_oscillations"]
+        if path.fallback:
+            pytest.skip(f"TorchInductor cannot compile here ({path.fallback})")
+        assert path.last == "compiled"

@@ -5,7 +5,8 @@ Why: the eager twin runs ~15 elementwise kernels per tracked layer and step (abo
 pass. Same policy as the LSQ backward (``cpu_compile``): ``ULTRALYTICS_QAT_CPU_COMPILE=async|sync|off``, compiled in
 the background while the eager twin runs (on first use under deterministic training), inference-mode calls eager,
 any failure means eager for the rest of the process. Scalars (qn, qp, momentum, threshold) are 0-d tensors and sizes
-are dynamic, so one graph per layout (per tensor, per channel) serves every layer and bit width.
+are dynamic, so one graph per layout (per tensor, per channel) serves every layer and bit width. The scale is clamped
+to ``SCALE_EPS`` like the LSQ forward's, so a tracked integer is always the one the forward used.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import torch
 
 from .async_compile import AsyncCompiled, warm_randn
 from .cpu_compile import compile_mode
+from .reference import SCALE_EPS
 
 MIN_NUMEL = 1 << 12  # smaller tensors: eager costs about the same
 
@@ -73,7 +75,8 @@ def track_compiled(w, scale, qn, qp, prev_int, prev_dir, frozen, frozen_int, fre
     if per_channel and (rows < 2 or w.numel() // rows < 2):
         return None  # size-1 dims would specialise the dynamic graph
     view = (lambda t: t.reshape(rows, -1)) if per_channel else (lambda t: t.reshape(-1))
-    s = scale.detach().float().clamp_min(1e-8).reshape(-1, 1) if per_channel else scale.detach().float().reshape(())
+    s = scale.detach().float().clamp_min(SCALE_EPS)  # the forward's clamp: same integers as the LSQ forward
+    s = s.reshape(-1, 1) if per_channel else s.reshape(())
     scal = [torch.tensor(float(v)) for v in (qn, qp, momentum, threshold)]
     state = [prev_int, prev_dir, frozen, frozen_int, freq, ema_int]  # contiguous (checked): views share storage
     w = view(w.detach()).contiguous()

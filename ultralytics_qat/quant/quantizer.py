@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from ..errors import QuantizerNotInitializedError
-from ..ops import lsq_fake_quantize
+from ..ops import SCALE_EPS, lsq_fake_quantize
 
 _MSE_ALPHAS = torch.linspace(0.25, 1.0, 31)
 _SAMPLE_PER_BATCH = 1 << 15
@@ -131,7 +131,7 @@ class LSQQuantizer(nn.Module):
     def quantized_int(self, x: torch.Tensor) -> torch.Tensor:
         """Integer codes clamp(round(x / s)) as float, without gradient (for trackers, export and tests)."""
         with torch.no_grad():
-            s = self.scale.detach().clamp_min(1e-8)
+            s = self.scale.detach().clamp_min(SCALE_EPS)  # the forward's clamp: the codes it used
             s = s.view(-1, *([1] * (x.dim() - 1))) if self.per_channel else s.reshape(())
             return torch.clamp(torch.round(x.detach().float() / s), self.qn, self.qp)
 
