@@ -161,6 +161,44 @@ def test_frozen_weights_forward_frozen_int_times_s_and_get_no_gradient():
     assert torch.equal(q(conv.weight).detach(), out.detach())
 
 
+def _all_frozen(scale: float, frozen_int: torch.Tensor) -> QConv2d:
+    """A 4-bit per-channel conv whose weights are all frozen at ``frozen_int``, in training mode."""
+    conv = _conv(torch.randn(frozen_int.shape) * 0.1, bits=4, per_channel=True, scale=torch.full((2,), scale))
+    t = conv.weight_fake_quant.tracker = OscillationTracker(frozen_int.shape)
+    with torch.no_grad():
+        t.frozen.fill_(1)
+        t.frozen_int.view(frozen_int.shape).copy_(frozen_int)
+    t.freezing = True
+    return conv
+
+
+@pytest.mark.parametrize("scale", [5e-9, -0.3])
+def test_frozen_code_survives_a_scale_below_the_forward_clamp(scale):
+    """frozen_int * s uses the forward's clamped scale, so frozen code 3 comes out as 3 (not 2 or -7) at any scale."""
+    from ultralytics_qat.ops import SCALE_EPS
+
+    conv = _all_frozen(scale, torch.full((2, 2, 3, 3), 3, dtype=torch.int8))
+    out = conv.weight_fake_quant(conv.weight)
+    assert torch.equal(out, torch.full_like(out, 3.0) * SCALE_EPS)
+    assert torch.equal(torch.round(out / SCALE_EPS), torch.full_like(out, 3.0))
+
+
+@pytest.mark.parametrize("scale", [0.05, 5e-9])
+def test_frozen_substitution_passes_the_scale_gradient(scale):
+    """d out / d s = frozen_int (times the LSQ gradient scale) wherever the clamp is inactive, and, like the LSQ op's
+    scale gradient, straight through where it is active (a scale pushed below SCALE_EPS can recover)."""
+    torch.manual_seed(2)
+    frozen_int = torch.randint(-4, 4, (2, 2, 3, 3), dtype=torch.int8)
+    conv = _all_frozen(scale, frozen_int)
+    q = conv.weight_fake_quant
+    r = torch.randn(frozen_int.shape)
+    (q(conv.weight) * r).sum().backward()
+    expect = (frozen_int.float() * r).sum((1, 2, 3)) * q.grad_scale(r.numel())
+    assert expect.abs().min() > 1e-2  # a gradient that a dead clamp would visibly zero
+    torch.testing.assert_close(q.scale.grad, expect, rtol=1e-5, atol=1e-6)
+    assert torch.equal(conv.weight.grad, torch.zeros_like(r))  # frozen: no task gradient to the latent weight
+
+
 def test_bit_schedule_step_restarts_the_tracker():
     conv = _conv(torch.randn(2, 3, 3, 3) * 0.1, bits=4, per_channel=True, scale=torch.tensor([0.03, 0.04]))
     stab = OscillationStabilizer(momentum=0.5, freeze_threshold=0.1, freeze_start=0.0)

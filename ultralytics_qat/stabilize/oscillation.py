@@ -184,7 +184,10 @@ class OscillationTracker(nn.Module):
             s = _scale_view(q.scale.detach(), q, x.dim())
             x = _Dampen.apply(x, s, q.qn, q.qp, 2.0 * self.dampen_lambda / x.numel(), fz)
         if fz is not None:
-            s = _scale_view(_GradScale.apply(q.scale, q.grad_scale(x.numel())), q, x.dim())
+            s = _GradScale.apply(q.scale, q.grad_scale(x.numel()))
+            # the LSQ forward's clamp, so frozen_int * s quantizes back to frozen_int at any scale; its gradient
+            # passes unchanged like the op's (s - s.detach() is exactly 0: the value is bitwise the clamped scale)
+            s = _scale_view(s.detach().clamp_min(SCALE_EPS) + (s - s.detach()), q, x.dim())
             x = torch.where(fz, self.frozen_int.view(x.shape).to(x.dtype) * s.to(x.dtype), x)
         return x
 
