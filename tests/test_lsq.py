@@ -164,3 +164,21 @@ def test_fused_conv_matches_unfused_and_saves_one_activation(groups, stride):
         xx = x.clone().requires_grad_()
         lsq_conv2d(xx, s.clone().requires_grad_(), -1, 14, 0.01, w, b, (stride, stride), (1, 1), (1, 1), groups)
     assert sum(n == x.numel() for n in saved) == 1  # only x, not also its fake-quantized copy
+
+
+@pytest.mark.parametrize("qn,qp,largest", [(-14, 1, 14), (-7, 7, 7), (-8, 7, 8), (0, 15, 15)])
+def test_grad_scale_uses_the_largest_level(qn, qp, largest):
+    """g = 1 / sqrt(N * max(qp, -qn, 1)): a zero-point grid [-14, 1] is scaled by 14, not by its qp of 1."""
+    q = LSQQuantizer(4, "activation")
+    q._set_grid(4, qn, qp)
+    assert q.grad_scale(4 * 3000) == pytest.approx(1 / math.sqrt(4 * 3000 * largest), rel=1e-12)
+    w = LSQQuantizer(4, "weight", channels=8, narrow_range=True)  # symmetric [-7, 7], N per channel
+    assert w.grad_scale(8 * 36) == pytest.approx(1 / math.sqrt(36 * 7), rel=1e-12)
+
+
+def test_grad_scale_docstrings_state_the_implemented_formula():
+    from ultralytics_qat.ops import lsq_fake_quantize_reference, reference
+
+    for doc in (LSQQuantizer.grad_scale.__doc__, lsq_fake_quantize.__doc__, lsq_fake_quantize_reference.__doc__,
+                reference.__doc__):  # fmt: skip
+        assert "max(qp, -qn, 1)" in doc and "sqrt(N * qp)" not in doc

@@ -115,7 +115,7 @@ def lsq_fake_quantize(
         scale: Positive scale, [1] (per tensor) or [C] with C = x.shape[ch_axis] (per channel); read on the device.
         qn: Lowest integer level (e.g. -8 signed 4 bit, 0 unsigned, -1 for the asymmetric [-1, 14]).
         qp: Highest integer level.
-        grad_scale: LSQ gradient scale g = 1 / sqrt(N * qp), N = elements per scale value.
+        grad_scale: LSQ gradient scale g = 1 / sqrt(N * max(qp, -qn, 1)), N = elements per scale value.
         ch_axis: Channel axis of a per-channel scale (weights: 0), None for a per-tensor scale.
         pulse_delta: PulseSmooth width in (0, 0.5) for the scale gradient; 0 disables it.
         dist_k: Distance-aware factor: grad_x *= exp(-k |round(v) - v|) inside the range; 0 disables it.
@@ -129,7 +129,7 @@ def lsq_fake_quantize(
     Examples:
         >>> w = torch.randn(16, 8, 3, 3, requires_grad=True)
         >>> s = torch.full((16,), 0.1, requires_grad=True)
-        >>> lsq_fake_quantize(w, s, -8, 7, (w[0].numel() * 7) ** -0.5, ch_axis=0).sum().backward()
+        >>> lsq_fake_quantize(w, s, -8, 7, (w[0].numel() * max(7, 8, 1)) ** -0.5, ch_axis=0).sum().backward()
     """
     if ch_axis is not None:
         ch_axis = ch_axis % max(x.dim(), 1)

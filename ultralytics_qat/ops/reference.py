@@ -6,6 +6,10 @@ Math (Esser et al., ICLR 2020, "Learned Step Size Quantization"), with v = x / s
     grad_x    g_q                    where qn <= r <= qp, else 0            (straight-through estimator)
     grad_s    sum(g_q * t) * grad_scale,  t = r - v inside, qn below, qp above
 
+with the gradient scale ``grad_scale`` = 1 / sqrt(N * max(qp, -qn, 1)), N = elements per scale value, computed by
+the caller (``LSQQuantizer.grad_scale``). The paper's qp is replaced by the largest |level| so that a zero-point grid
+like [-14, 1] (qp = 1) gets a gradient comparable to that of a symmetric grid of the same width, not ~3x larger.
+
 The in/out mask is the *rounded* one (out when r < qn or r > qp), the convention of PyTorch's
 ``torch._fake_quantize_learnable_*`` ops, so the forward and ``grad_x`` match that builtin bitwise. Masks are written
 explicitly: since torch 2.14 ``clamp`` gives a zero gradient at exactly min/max, which would silently drop the
@@ -131,7 +135,7 @@ def lsq_fake_quantize_reference(
         scale: Positive scale, shape [1] (per tensor) or [C] with C = x.shape[ch_axis] (per channel).
         qn: Lowest integer level (e.g. -8 for signed 4 bit, 0 for unsigned).
         qp: Highest integer level (e.g. 7 for signed 4 bit, 15 for unsigned).
-        grad_scale: LSQ gradient scale g = 1 / sqrt(N * qp), N = elements per scale value.
+        grad_scale: LSQ gradient scale g = 1 / sqrt(N * max(qp, -qn, 1)), N = elements per scale value.
         ch_axis: Channel axis of a per-channel scale, None for a per-tensor scale.
         pulse_delta: PulseSmooth width delta in (0, 0.5) for the scale gradient; 0 disables it.
         dist_k: Distance-aware weight-gradient factor k >= 0; 0 disables it.

@@ -107,7 +107,11 @@ class LSQQuantizer(nn.Module):
         self._initialized = bool(self.initialized)
 
     def grad_scale(self, numel: int) -> float:
-        """LSQ gradient scale 1/sqrt(N * Qp), N = elements per scale value, Qp = the largest |level|."""
+        """LSQ gradient scale g = 1 / sqrt(N * max(qp, -qn, 1)), N = elements per scale value.
+
+        The largest |level| instead of the paper's qp: on a zero-point activation grid like [-14, 1], qp = 1 would
+        make g ~3x that of a symmetric grid of the same width ([-8, 7]); max(qp, -qn, 1) keeps them comparable.
+        """
         n = max(numel // self.scale.numel(), 1)
         return 1.0 / math.sqrt(n * max(self.qp, -self.qn, 1))
 
