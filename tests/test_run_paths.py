@@ -176,7 +176,14 @@ def _train_losses_and_scales(coco8, project, name, **qat):
 
 
 def test_auxiliary_passes_never_touch_training_batches_and_runs_are_bitwise_repeatable(coco8, tmp_path):
+    from ultralytics_qat.ops import cpu_compile_paths, reset_cpu_compile_paths
+
+    reset_cpu_compile_paths()
     rows_a, scales_a = _train_losses_and_scales(coco8, tmp_path, "a")
+    paths = cpu_compile_paths()  # validation and BN re-estimation ran between training epochs
+    assert paths["lsq_forward"].inference > 0
+    for op in ("lsq_forward", "lsq_backward", "track_oscillations"):
+        assert paths[op].last == "compiled" and paths[op].fallback is None, (op, paths[op])
     rows_b, scales_b = _train_losses_and_scales(coco8, tmp_path, "b")
     assert all(torch.equal(scales_a[k], scales_b[k]) for k in scales_a)  # same seed: bitwise the same run
     drop_time = [{k: v for k, v in r.items() if k != "time"} for r in (*rows_a, *rows_b)]
