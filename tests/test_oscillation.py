@@ -10,7 +10,8 @@ from ultralytics import YOLO
 
 from qat_test_utils import TRAIN_ARGS, train_stopped_after_first_epoch
 from ultralytics_qat import QATDetectionTrainer
-from ultralytics_qat.controller import CKPT_KEY, QATController
+from ultralytics_qat.checkpoint import CKPT_KEY, restore, resume_entry, resume_pickle
+from ultralytics_qat.controller import QATController
 from ultralytics_qat.quant import LSQQuantizer, QConv2d
 from ultralytics_qat.stabilize import OscillationStabilizer, OscillationTracker, TrainState, oscillation_report
 from ultralytics_qat.stabilize.oscillation import dampening_loss, tracked_layers
@@ -266,13 +267,15 @@ def test_tracker_state_is_buffers_in_state_dict_ema_and_checkpoint():
         if ".tracker." in key:
             assert torch.equal(v, ema_sd[key]), key  # exact copy in the EMA, floats included
 
-    entry = ctl.checkpoint_entry(ema)
-    QATController.restore(fresh, entry)
+    pickled, entry = resume_pickle(ema), resume_entry(ema, ctl.config.to_dict())  # what last.pt holds
+    assert not any(".tracker." in k for k in entry["state"])  # tracker state is stored once, in the pickle, in fp32
+    fresh.load(pickled.float())  # as resume does: Ultralytics' intersecting load, then the exact entry
+    restore(fresh, entry)
     ctl.run("on_train_start", TrainState(model=fresh, optimizer=torch.optim.SGD(fresh.parameters(), lr=0.0)))
     got = fresh.state_dict()
-    for key, v in entry["state"].items():
+    for key, v in ema.state_dict().items():
         if ".tracker." in key:
-            assert torch.equal(got[key], v), key  # restored, and not re-initialised by on_train_start
+            assert torch.equal(got[key], v), key  # restored exactly, and not re-initialised by on_train_start
     assert all(tr.freezing for _, _, _, tr in tracked_layers(fresh))
 
 
@@ -284,12 +287,14 @@ def test_w3a3_freezing_dampening_afw_end_to_end_with_resume(coco8, tmp_path):
         "qat.oscillation.freeze_final_threshold": 0.2, "qat.oscillation.freeze_start": 0.0,
         "qat.oscillation.dampen_lambda": 0.1, "qat.oscillation.dampen_start": 0.0,
         "qat.afw.enabled": True, "qat.afw.lr": 0.5, "qat.afw.min_frequency": 0.01,
+        "qat.optim.scale_lr_mult": 0.1,  # AdamW at lr 0.01 would step the ~1e-2 scales below zero
     }
     args = {**TRAIN_ARGS, "batch": 2, "nbs": 2, "warmup_epochs": 0, "optimizer": "AdamW", "lr0": 0.01, "val": False}
 
     last = train_stopped_after_first_epoch(coco8, tmp_path, "osc", **args, **overrides)
-    saved = torch.load(last, map_location="cpu", weights_only=False)[CKPT_KEY]["state"]
+    saved = torch.load(last, map_location="cpu", weights_only=False)["ema"].state_dict()
     saved = {k: v for k, v in saved.items() if ".tracker." in k}
+    assert saved["model.1.conv.weight_fake_quant.tracker.freq"].dtype == torch.float32  # exact, not fp16
     assert sum(int(v.sum()) for k, v in saved.items() if k.endswith(".frozen")) > 0  # 2 steps froze some weights
 
     seen = {}
@@ -306,19 +311,21 @@ def test_w3a3_freezing_dampening_afw_end_to_end_with_resume(coco8, tmp_path):
     rows = list(csv.DictReader(open(resumed.trainer.save_dir / "results.csv")))
     rows = [{k.strip(): float(v) for k, v in r.items()} for r in rows]
     assert len(rows) == 2
-    for col in ("qat/osc_frac", "qat/osc_frac_max", "qat/frozen_frac", "qat/freeze_thr", "qat/dampen_lambda",
-                "qat/afw_changed"):
+    for col in ("qat/osc_frac", "qat/osc_frac_max", "qat/frozen_frac", "qat/freeze_thr", "qat/dampen_lambda"):
         assert col in rows[0]
     assert rows[0]["qat/frozen_frac"] > 0 and rows[1]["qat/frozen_frac"] >= rows[0]["qat/frozen_frac"]
-    assert rows[0]["qat/afw_changed"] == 0 and rows[1]["qat/afw_changed"] > 0  # AFW ran after the last epoch only
+    post = torch.load(resumed.trainer.last, map_location="cpu", weights_only=False)[CKPT_KEY]["post_qat"]
+    assert post["epoch"] == 1 and post["qat/afw_changed"] > 0  # AFW ran once, after the last epoch
     # the saved EMA holds its frozen codes in the latent weights: plain fake quant (export) reproduces them
     from ultralytics_qat.checkpoint import load_qat_model
 
-    final, _ = load_qat_model(resumed.trainer.last)
+    final, _ = load_qat_model(resumed.trainer.last)  # a finished run's compact file: snapped weights, no trackers
+    convs = dict(final.named_modules())
     n_frozen = 0
-    for _, conv, q, t in tracked_layers(final):
+    for name, conv, q, t in tracked_layers(resumed.trainer.ema.ema):
         fz = t.frozen.view(conv.weight.shape).bool()
-        codes = q.quantized_int(conv.weight)
-        assert torch.equal(codes[fz], t.frozen_int.view(conv.weight.shape).float()[fz])
+        saved = convs[name].weight_fake_quant.quantized_int(convs[name].weight)
+        assert torch.equal(saved, t.codes(conv.weight, q)), name  # every code as trained, frozen ones included
+        assert torch.equal(saved[fz], t.frozen_int.view(conv.weight.shape).float()[fz])
         n_frozen += int(fz.sum())
     assert n_frozen > 0
