@@ -21,22 +21,41 @@ def _scales(model):
     return {n: q.scale.detach().clone() for n, q in quantizers(model)}
 
 
-def test_checkpoints_carry_fp32_qat_state(qat_run):
+def test_finished_checkpoints_are_exact_even_for_plain_ultralytics(qat_run, coco8):
+    x = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(0))
     for name in ("best.pt", "last.pt"):
-        ckpt = torch.load(qat_run / "weights" / name, map_location="cpu", weights_only=False)
+        path = qat_run / "weights" / name
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
         entry = ckpt[CKPT_KEY]
         assert entry["config"]["weight"]["bits"] == 4 and entry["kind"] == "deploy"  # a finished run's files
-        scales = {k: v for k, v in entry["state"].items() if k.endswith(".scale")}
-        assert len(scales) == 57 + 57 and all(v.dtype == torch.float32 for v in scales.values())
-        pickled = ckpt["ema"] or ckpt["model"]
-        assert next(pickled.parameters()).dtype == torch.float16  # why the fp32 copy is needed
-    model, _ = load_qat_model(qat_run / "weights" / "last.pt")
-    exact = _scales(model)
-    assert set(exact) == {k[: -len(".scale")] for k in scales}
-    for k, v in scales.items():
-        assert torch.equal(exact[k[: -len(".scale")]], v)
-    fp16 = YOLO(str(qat_run / "weights" / "last.pt")).model  # what Ultralytics alone would load
-    assert any(not torch.equal(exact[k], v) for k, v in _scales(fp16).items())  # fp16 rounding is real
+        pickled = ckpt["model"]
+        quantized = [m for m in pickled.modules() if isinstance(m, QConv2d)]
+        assert len(quantized) == 57 and all(m.weight.dtype == torch.float16 for m in quantized)  # compact
+        assert all(q.scale.dtype == torch.float32 for _, q in quantizers(pickled))  # scales never rounded
+        exact, _ = load_qat_model(path)
+        plain = YOLO(str(path)).model.eval()  # what Ultralytics alone loads
+        assert all(torch.equal(a, b) for a, b in zip(_scales(exact).values(), _scales(plain).values()))
+        with torch.no_grad():
+            assert torch.equal(exact.eval()(x)[0], plain(x)[0]), name
+
+
+def test_plain_yolo_export_of_a_qat_checkpoint_matches_the_qat_model(qat_run, tmp_path):
+    import shutil
+
+    import onnx
+    import onnxruntime as ort
+
+    best = tmp_path / "best.pt"
+    shutil.copy(qat_run / "weights" / "best.pt", best)
+    f = YOLO(str(best)).export(format="onnx", imgsz=64)  # Ultralytics' own exporter, not yolo-qat export
+    ops = [n.op_type for n in onnx.load(f).graph.node]
+    model, _ = load_qat_model(best)
+    assert ops.count("DequantizeLinear") >= len(quantizers(model)) - 2  # onnxslim may merge shared input Q/DQ
+    x = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = model.eval()(x)[0].numpy()
+    out = ort.InferenceSession(f).run(None, {"images": x.numpy()})[0]
+    assert abs(ref - out).max() <= 1e-3 * max(abs(ref).max(), 1.0)
 
 
 def test_scales_have_their_own_param_group_without_decay(coco8, tmp_path):

@@ -7,9 +7,10 @@ Ultralytics pickles the EMA model in fp16 under ``ckpt["ema"]``/``ckpt["model"]`
   oscillation-tracker state, which the pickled model itself keeps in fp32 (stored once, exact). Resume and NaN
   recovery are bitwise.
 - ``deploy`` (``best.pt``, and both files once a run has finished): each quantized weight in the pickle is snapped
-  to its grid point ``code * s``, so its fp16 value still rounds to the same integer code (|code| <= 127 needs only
-  8 bits of the fp16 mantissa), and the entry holds fp32 only for what the codes do not determine (scales, BN,
-  biases, float layers). Tracker state is dropped. About the size of the float checkpoint.
+  to its grid point ``code * s`` and stored in fp16, which still rounds to the same integer code (|code| <= 127 needs
+  only 8 bits of the fp16 mantissa); everything the codes do not determine (scales, BN, biases, float layers) stays
+  fp32 in the pickle itself, so even plain Ultralytics (``yolo val``, ``yolo export``) reads the exact model. Tracker
+  state is dropped. About the size of the float checkpoint.
 
 Format 1 (before 0.2: one fp32 copy of the whole state, trackers included) still loads.
 Everything that reads or writes a QAT checkpoint goes through here.
@@ -35,9 +36,9 @@ TRACKER = ".tracker."  # state_dict keys of oscillation-tracker state
 
 
 # -- writing -----------------------------------------------------------------------------------------------------------
-def _float_state(model: nn.Module, skip=lambda key: False) -> dict:
+def _float_state(model: nn.Module) -> dict:
     return {k: v.detach().float().cpu().clone() for k, v in unwrap(model).state_dict().items()
-            if v.is_floating_point() and TRACKER not in k and not skip(k)}
+            if v.is_floating_point() and TRACKER not in k}
 
 
 def resume_entry(model: nn.Module, config: dict) -> dict:
@@ -72,9 +73,11 @@ def deploy_pickle_and_entry(model: nn.Module, config: dict) -> tuple[nn.Module, 
             if t is not None:
                 for b, v in list(t.named_buffers()):
                     setattr(t, b, v.new_zeros(0) if v.dim() else v.new_zeros(()))
-    entry = {"format": CKPT_FORMAT, "kind": "deploy", "config": config,
-             "state": _float_state(out, skip=lambda k: k in weights)}
-    return _strip_runtime(out.half().to(memory_format=torch.contiguous_format)), entry
+    for name, m in out.named_modules():  # only the snapped weights go to fp16: the rest is small and stays exact
+        if f"{name}.weight" in weights:
+            m.weight.data = m.weight.data.half().contiguous()
+    entry = {"format": CKPT_FORMAT, "kind": "deploy", "config": config, "state": {}}
+    return _strip_runtime(out.to(memory_format=torch.contiguous_format)), entry
 
 
 def _effective_weight(conv: nn.Module) -> torch.Tensor:

@@ -18,7 +18,10 @@ from .cpu_compile import CPU_COMPILE_ENV
 from .dispatch import lsq_fake_quantize, track_oscillations
 from .fused_conv import lsq_conv2d
 from .oscillation import OscillationState, init_oscillation_state, track_oscillations_reference
+from .onnx_symbolic import register as _register_onnx_symbolic
 from .reference import SCALE_EPS, lsq_fake_quantize_reference
+
+_register_onnx_symbolic()  # plain `yolo export` of a QAT checkpoint (see onnx_symbolic.py)
 
 __all__ = [
     "BACKEND_ENV",
