@@ -15,6 +15,8 @@ from __future__ import annotations
 import os
 import re
 import sys
+from contextlib import contextmanager
+from pathlib import Path
 
 MODES = ("train", "val", "predict", "export")
 DEMO = {"model": "yolov8n.yaml", "epochs": 10, "imgsz": 160, "batch": 4, "nbs": 4, "workers": 0, "name": "qat-demo"}
@@ -29,6 +31,7 @@ Other commands: yolo-qat help | version
 Docs: README.md of ultralytics-qat; Ultralytics arguments: https://docs.ultralytics.com/usage/cfg/"""
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
+_EMOJI = re.compile("[\u2600-\u27bf\U0001f300-\U0001faff\ufe0f]")
 
 
 class CLIError(Exception):
@@ -40,7 +43,11 @@ def parse_args(argv: list[str]) -> tuple[str, dict]:
     from ultralytics.cfg import merge_equals_args, smart_value
 
     mode, pairs = None, {}
-    for arg in merge_equals_args(list(argv)):
+    try:
+        argv = merge_equals_args(list(argv))
+    except SyntaxError as e:  # "'qat.x=[a' has an unmatched '[' or ']' bracket."
+        raise CLIError(f"{str(e).rstrip('.')}; close it, e.g. qat.exclude=[model.22.*] or imgsz=[640,480]") from None
+    for arg in argv:
         if "=" in arg:
             k, v = arg.split("=", 1)
             k, v = k.strip(), v.strip()
@@ -48,8 +55,8 @@ def parse_args(argv: list[str]) -> tuple[str, dict]:
                 raise CLIError(f"missing value for '{k}'; write it as '{k}=value'")
             if k.startswith("qat."):  # qat values are YAML scalars/lists, as in qat.yaml (null, true, [a, b])
                 pairs[k] = _yaml_value(k, v)
-            else:
-                pairs[k] = v if k in {"name", "project"} and v.lower() != "none" else smart_value(v)
+            else:  # paths and names stay strings: qat=3 is a file named 3, not the number
+                pairs[k] = v if k in {"name", "project", "qat"} and v.lower() != "none" else smart_value(v)
         elif arg in MODES and mode is None:
             mode = arg
         elif arg in MODES:
@@ -72,10 +79,23 @@ def _is_bool_flag(arg: str) -> bool:
 def _yaml_value(key: str, text: str):
     import yaml
 
+    if text.lower() == "none":  # Ultralytics' spelling of null (key=None)
+        return None
     try:
         return yaml.safe_load(text)
     except yaml.YAMLError:
         raise CLIError(f"value of '{key}' is not a YAML value: {text!r}; quote lists like {key}='[a, b]'") from None
+    except RecursionError:
+        raise CLIError(f"value of '{key}' is nested too deeply; qat values are scalars or flat lists like [a, b]") from None
+
+
+def _first_line(e: BaseException) -> str:
+    """The first non-empty line of an (Ultralytics) message, without colours, emojis or an 'ERROR' prefix."""
+    for line in _ANSI.sub("", str(e)).splitlines():
+        line = re.sub(r"^ERROR\b:?", "", _EMOJI.sub("", line).strip()).strip()
+        if line:
+            return line
+    return type(e).__name__
 
 
 def _check_ultralytics_args(args: dict) -> None:
@@ -93,38 +113,214 @@ def _check_ultralytics_args(args: dict) -> None:
     try:
         check_cfg(dict(args))
     except (TypeError, ValueError) as e:
-        first = next((ln for ln in _ANSI.sub("", str(e)).splitlines() if ln.strip()), type(e).__name__)
-        raise CLIError(first.strip()) from None
+        raise CLIError(_first_line(e)) from None
+    if "imgsz" in args:
+        _check_imgsz(args["imgsz"])
+
+
+def _check_imgsz(imgsz) -> None:
+    """Ultralytics checks imgsz only once the model is built; check it up front, as its own check_imgsz parses it."""
+    from ultralytics.utils.checks import check_imgsz
+
+    try:
+        check_imgsz(imgsz, stride=1, max_dim=2)  # stride 1: parse only, no rounding warning
+    except (TypeError, ValueError, ArithmeticError):
+        raise CLIError(
+            f"'imgsz={imgsz}' is not a valid image size; pass an int such as imgsz=640 (predict and export also take "
+            "[h, w], e.g. imgsz=[480,640])"
+        ) from None
 
 
 def _train(args: dict) -> None:
-    from ultralytics import YOLO
+    from .engine import QATDetectionTrainer
 
-    from .data import bundled_coco8
-    from .engine import QATDetectionTrainer, split_qat_overrides
-
-    qat, dotted, rest = split_qat_overrides(args)
-    if "cfg" in rest:  # an Ultralytics cfg yaml may carry a qat: block
-        import yaml
-
-        with open(rest.pop("cfg")) as f:
-            block = yaml.safe_load(f) or {}
-        qat = block.pop("qat", qat) if qat is None else qat
-        rest = {**block, **rest}
-    if "data" not in rest and not rest.get("resume"):
-        rest["data"] = str(bundled_coco8())
-    model = rest.pop("model", DEMO["model"])
+    qat, dotted, rest, model = _train_args(args)
     _check_ultralytics_args(rest)
-    try:
-        yolo = YOLO(model)
-    except (FileNotFoundError, ConnectionError, OSError) as e:
-        raise CLIError(
-            f"model '{model}' could not be loaded ({type(e).__name__}); pass an existing .pt or a model .yaml such as "
-            "yolov8n.yaml (offline runs cannot download weights by name)"
-        ) from None
-    yolo.train(trainer=QATDetectionTrainer, qat=qat, **{f"qat.{k}": v for k, v in dotted.items()}, **rest)
+    yolo = _load_model(model)
+    if rest.get("resume") is True:
+        _check_resumable(yolo, model)
+    with _ultralytics_errors(rest, mode="train"):
+        yolo.train(trainer=QATDetectionTrainer, qat=qat, **{f"qat.{k}": v for k, v in dotted.items()}, **rest)
     save_dir = yolo.trainer.save_dir
     print(f"\nQAT weights: {save_dir}/weights/best.pt\nValidate:    yolo-qat val model={save_dir}/weights/best.pt")
+
+
+def _train_args(args: dict) -> tuple:
+    """(qat, dotted qat overrides, Ultralytics arguments, model) of a train command, cfg= merged in."""
+    from .data import bundled_coco8
+    from .engine import split_qat_overrides
+
+    if "cfg" in args:  # an Ultralytics cfg yaml, which may carry qat: and qat.<key>: too; the command line wins
+        args = {**_read_cfg(args.pop("cfg")), **args}
+    qat, dotted, rest = split_qat_overrides(args)
+    _check_resume_arg(rest)
+    if "data" not in rest and not rest.get("resume"):  # a resumed run keeps its own data: never the demo's, no download
+        rest["data"] = str(bundled_coco8())
+    return qat, dotted, rest, rest.pop("model", DEMO["model"])
+
+
+def _check_resume_arg(args: dict) -> None:
+    resume = args.get("resume")
+    if resume is True and "model" not in args:
+        raise CLIError("resume needs the run to continue: 'yolo-qat train resume model=<run>/weights/last.pt'")
+    if isinstance(resume, str) and not Path(resume).is_file():  # Ultralytics would resume the newest last.pt it finds
+        raise CLIError(f"resume={resume}: no such checkpoint; pass the last.pt of an interrupted run, i.e. "
+                       "'yolo-qat train resume model=<run>/weights/last.pt'")
+
+
+def _read_cfg(path) -> dict:
+    """The arguments in an Ultralytics cfg yaml (``cfg=args.yaml``), or a one-line error."""
+    import yaml
+
+    p = Path(str(path))
+    if p.suffix not in {".yaml", ".yml"}:
+        raise CLIError(f"cfg={path} is not a .yaml file; pass cfg=path/to/args.yaml with Ultralytics arguments as "
+                       "'key: value' lines")
+    if not p.is_file():
+        raise CLIError(f"cfg file '{path}' not found; pass an existing yaml of Ultralytics arguments, e.g. a run's args.yaml")
+    try:
+        block = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise CLIError(f"cfg file '{path}' is not UTF-8 text; save it as UTF-8") from None
+    except OSError as e:
+        raise CLIError(f"cfg file '{path}' could not be read ({e.strerror}); pass a readable yaml") from None
+    except RecursionError:
+        raise CLIError(f"cfg file '{path}' is nested too deeply; it holds Ultralytics 'key: value' lines") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" (line {mark.line + 1}: {e.problem})" if mark else ""
+        raise CLIError(f"cfg file '{path}' is not valid YAML{where}; fix the syntax") from None
+    if block is None:
+        return {}
+    if not isinstance(block, dict):
+        raise CLIError(f"cfg file '{path}' must hold Ultralytics arguments as 'key: value' lines, got "
+                       f"{type(block).__name__} {str(block)[:40]!r}")
+    return {str(k): v for k, v in block.items() if k != "cfg"}
+
+
+def _load_model(model):
+    """``YOLO(model)``; a missing, unreadable or corrupt model is a one-line error (this call only loads the file)."""
+    import pickle
+
+    from ultralytics import YOLO
+
+    try:
+        return YOLO(model)
+    except (OSError, EOFError, pickle.UnpicklingError, TypeError, ValueError, AttributeError, KeyError, RuntimeError) as e:
+        raise CLIError(
+            f"model '{model}' could not be loaded ({_load_failure(e)}); pass an existing .pt (e.g. a run's "
+            "weights/last.pt) or a model .yaml such as yolov8n.yaml"
+        ) from None
+
+
+def _load_failure(e: BaseException) -> str:
+    import pickle
+
+    if isinstance(e, (FileNotFoundError, ConnectionError)):
+        return f"{type(e).__name__}; offline runs cannot download weights by name"
+    if isinstance(e, OSError):
+        return f"{type(e).__name__}: {e.strerror}"
+    text = _first_line(e)
+    if isinstance(e, (EOFError, UnicodeDecodeError, pickle.UnpicklingError)) or "truncated or corrupted" in text:
+        return f"{type(e).__name__}: not a PyTorch checkpoint, or the file is empty, truncated or corrupted"
+    return f"{type(e).__name__}: {text.split('. ')[0]}"
+
+
+def _check_resumable(yolo, model) -> None:
+    """Ultralytics' own resume test, as an error: for ``resume`` it would silently start a new training (on coco8)."""
+    ckpt = getattr(yolo, "ckpt", None) or {}
+    if not ckpt:
+        raise CLIError(f"'{model}' is not a training checkpoint, so there is nothing to resume; resume a run's last.pt, "
+                       "i.e. 'yolo-qat train resume model=<run>/weights/last.pt', or train without resume")
+    if ckpt.get("epoch", -1) < 0 or ckpt.get("optimizer") is None:
+        epochs = (ckpt.get("train_args") or {}).get("epochs", "its")
+        raise CLIError(_finished(model, epochs))
+
+
+def _finished(model, epochs) -> str:
+    return (f"'{model}': training to {epochs} epochs is finished, nothing to resume; start a new training without "
+            f"resuming, i.e. 'yolo-qat train model={model}'")
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Ultralytics' failures of a train/val/predict call that are the user's input, each recognised by type and message.
+@contextmanager
+def _ultralytics_errors(args: dict, mode: str):
+    """Turn the known input failures of an Ultralytics call into one-line CLIErrors; anything else propagates."""
+    from .errors import BackendUnavailableError, QATError
+
+    try:
+        yield
+    except (QATError, BackendUnavailableError):
+        raise
+    except (AssertionError, OSError, RuntimeError, SyntaxError, ValueError) as e:
+        for recognise in (_dataset_failure, _device_failure, _resume_failure, _output_failure):
+            msg = recognise(e, args, mode)
+            if msg:
+                raise CLIError(msg) from None
+        raise
+
+
+_DATASET = re.compile(r"Dataset '(?P<data>.*?)' (error|for task=\S+ not found)(?P<detail>.*)", re.S)
+_YAML_NAME = re.compile(r"[^\s'\"]+\.ya?ml")
+
+
+def _dataset_failure(e, args, mode) -> str | None:
+    """The trainer wraps dataset check failures as "Dataset 'x' error ..."; the validator lets them through bare."""
+    text = _EMOJI.sub("", _ANSI.sub("", str(e)))
+    if isinstance(e, (RuntimeError, FileNotFoundError)) and (m := _DATASET.match(text)):
+        data, detail = m["data"], m["detail"]
+    elif mode == "val" and isinstance(e, (FileNotFoundError, SyntaxError)) and (m := _YAML_NAME.search(text)):
+        data, detail = args.get("data") or m[0], text  # "'x.yaml' does not exist", "x.yaml 'train:' key missing"
+    else:
+        return None
+    lines = [ln.strip(" .") for ln in detail.splitlines() if ln.strip(" .")]
+    return (f"data={data} cannot be used: {'; '.join(lines[:2]) or 'not found'}; pass data= a dataset yaml with "
+            "train: and val: image paths, e.g. data=coco8.yaml")
+
+
+def _device_failure(e, args, mode) -> str | None:
+    m = re.match(r"Invalid (\w+) 'device=(.*?)'", str(e)) if isinstance(e, ValueError) else None
+    if not m:
+        return None
+    if m[1] == "CUDA":
+        import torch
+
+        seen = torch.cuda.device_count()
+        return (f"device={m[2]} asks for CUDA GPU(s) that are not here (torch sees {seen}); pass device=cpu"
+                f"{f' or a GPU index below {seen}' if seen else ''}, or leave device= out")
+    return f"{_first_line(e).rstrip('.')}; pass device=cpu, or leave device= out"
+
+
+_FINISHED = re.compile(r"(?P<model>.+) training to (?P<epochs>\d+) epochs is finished, nothing to resume")
+
+
+def _resume_failure(e, args, mode) -> str | None:
+    if isinstance(e, AssertionError) and (m := _FINISHED.match(_first_line(e))):
+        return _finished(m["model"], m["epochs"])
+    if isinstance(e, FileNotFoundError) and str(e).startswith("Resume checkpoint not found"):
+        why = f" ({_load_failure(e.__cause__)})" if e.__cause__ else ""
+        return (f"resume={args.get('resume')} could not be loaded{why}; pass the last.pt of an interrupted run, "
+                "i.e. 'yolo-qat train resume model=<run>/weights/last.pt'")
+    return None
+
+
+def _output_failure(e, args, mode) -> str | None:
+    """An OSError on the output folder (or a folder above it) that Ultralytics creates: not writable, or a file."""
+    if not isinstance(e, OSError) or not e.filename or args.get("resume"):
+        return None
+    from types import SimpleNamespace
+
+    from ultralytics.cfg import get_save_dir
+
+    out = get_save_dir(SimpleNamespace(project=args.get("project"), name=args.get("name"), task="detect", mode=mode,
+                                       exist_ok=True, save_dir=None))
+    bad = Path(os.fsdecode(e.filename)).resolve()
+    if bad != out and out not in bad.parents and bad not in out.parents:
+        return None
+    why = e.strerror or type(e).__name__
+    return (f"cannot write the output folder {out.parent} ({why}: '{os.fsdecode(e.filename)}'); pass project= a "
+            "folder you can write to")
 
 
 def _val(args: dict) -> None:
@@ -139,10 +335,12 @@ def _val(args: dict) -> None:
 
         if not os.path.isfile(args["model"]):
             raise CLIError(f"model '{args['model']}' not found; export one with 'yolo-qat export model=best.pt'")
-        YOLO(args.pop("model")).val(**args)
+        with _ultralytics_errors(args, mode="val"):
+            YOLO(args.pop("model")).val(**args)
         return
     yolo = load_qat_yolo(args.pop("model"), hint="yolo val")
-    yolo.val(validator=QATDetectionValidator, **args)
+    with _ultralytics_errors(args, mode="val"):
+        yolo.val(validator=QATDetectionValidator, **args)
 
 
 def _predict(args: dict) -> None:
@@ -153,7 +351,8 @@ def _predict(args: dict) -> None:
     _check_ultralytics_args(args)
     yolo = load_qat_yolo(args.pop("model"), hint="yolo predict")
     args.setdefault("save", True)
-    yolo.predict(**args)
+    with _ultralytics_errors(args, mode="predict"):
+        yolo.predict(**args)
 
 
 def _export(args: dict) -> None:
