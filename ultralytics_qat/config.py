@@ -424,7 +424,9 @@ def _check_value(key: str, value: Any, f, source: str) -> Any:
     try:
         value = _as_kind(value, kind)
     except OverflowError:
-        raise QATConfigError(f"{source}: '{key}={_show(value)}' is too large for a float; allowed: {allowed} {example}") from None
+        raise QATConfigError(
+            f"{source}: '{key}={_show(value)}' is too large for a float; allowed: {allowed} {example}"
+        ) from None
     if not isinstance(value, kind) or (kind in (int, float) and isinstance(value, bool)):
         raise QATConfigError(
             f"{source}: '{key}' must be {kind.__name__}, got {type(value).__name__} {_show(value)}; "
