@@ -198,3 +198,11 @@ def test_qat_names_stay_strings_and_none_is_null(tmp_path, coco8, train_calls, m
     assert main(["train", f"data={coco8}", "qat=3", "qat.activation.bits=None"]) == 0
     (kwargs,) = train_calls.calls
     assert kwargs["qat"] == "3" and kwargs["qat.activation.bits"] is None
+
+
+def test_a_runs_args_yaml_is_a_valid_cfg(tmp_path, coco8, train_calls):
+    cfg = tmp_path / "args.yaml"  # as Ultralytics writes it next to weights/: save_dir is not in default.yaml
+    cfg.write_text(f"task: detect\nmode: train\nmodel: yolov8n.yaml\ndata: {coco8}\nepochs: 1\nsave_dir: {tmp_path / 'run'}\n")
+    assert main(["train", f"cfg={cfg}"]) == 0  # was "'save_dir' is not a valid YOLO argument"
+    (kwargs,) = train_calls.calls
+    assert kwargs["save_dir"] == str(tmp_path / "run") and kwargs["data"] == str(coco8)

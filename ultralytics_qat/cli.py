@@ -98,6 +98,11 @@ def _first_line(e: BaseException) -> str:
     return type(e).__name__
 
 
+# Valid Ultralytics arguments outside default.yaml (check_dict_alignment's allowed_custom_keys); a run's args.yaml has
+# save_dir, so 'cfg=<run>/args.yaml' needs it.
+_EXTRA_YOLO_KEYS = {"augmentations", "save_dir"}
+
+
 def _check_ultralytics_args(args: dict) -> None:
     """Validate Ultralytics keys and value types up front, as ``yolo`` does, but report one line."""
     from difflib import get_close_matches
@@ -106,7 +111,7 @@ def _check_ultralytics_args(args: dict) -> None:
     from ultralytics.utils import DEFAULT_CFG_DICT
 
     for key in args:
-        if key not in DEFAULT_CFG_DICT:
+        if key not in DEFAULT_CFG_DICT and key not in _EXTRA_YOLO_KEYS:
             close = get_close_matches(key, list(DEFAULT_CFG_DICT), n=1)
             hint = f" Did you mean '{close[0]}'?" if close else ""
             raise CLIError(f"'{key}' is not a valid YOLO argument.{hint} See 'yolo cfg' for all of them, or 'yolo-qat help'")
@@ -314,7 +319,7 @@ def _output_failure(e, args, mode) -> str | None:
     from ultralytics.cfg import get_save_dir
 
     out = get_save_dir(SimpleNamespace(project=args.get("project"), name=args.get("name"), task="detect", mode=mode,
-                                       exist_ok=True, save_dir=None))
+                                       exist_ok=True, save_dir=args.get("save_dir")))
     bad = Path(os.fsdecode(e.filename)).resolve()
     if bad != out and out not in bad.parents and bad not in out.parents:
         return None
