@@ -111,3 +111,13 @@ def test_calibration_initialises_everything_and_restores_bn():
     first = model.model[0].conv.input_fake_quant
     assert first.qn == 0 and first.qp == 255  # image input: unsigned 8 bit
     assert ctl.calibrate(model, [torch.rand(2, 3, 64, 64)]) == 0  # learned scales are never re-initialised
+
+
+def test_excluding_every_conv_is_refused_at_surgery():
+    from ultralytics.nn.tasks import DetectionModel
+
+    from ultralytics_qat.controller import QATController
+    from ultralytics_qat.errors import QATConfigError
+
+    with pytest.raises(QATConfigError, match="leaves every conv in float"):
+        QATController(None, {"exclude": ["model.*"]}).prepare(DetectionModel("yolov8n.yaml", verbose=False), verbose=False)

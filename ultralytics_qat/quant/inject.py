@@ -114,6 +114,11 @@ def quantize_model(model: nn.Module, cfg: QATConfig) -> list[LayerPlan]:
     if any(isinstance(m, QConv2d) for m in model.modules()):
         raise QATConfigError("model is already quantized; load it as a QAT checkpoint instead of quantizing again")
     plans = plan_layers(model, cfg)
+    if not plans and any(isinstance(m, nn.Conv2d) for m in model.modules()):
+        raise QATConfigError(
+            f"qat.exclude={cfg.exclude} leaves every conv in float, which is not QAT; exclude fewer layers, or train "
+            "a float model with plain 'yolo train'"
+        )
     modules = dict(model.named_modules())
     for p in plans:
         parent_name, attr = p.name.rsplit(".", 1)
