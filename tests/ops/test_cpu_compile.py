@@ -33,7 +33,13 @@ def deterministic():
 
 @pytest.fixture
 def fresh_units(monkeypatch):
-    """Never-compiled units for every CPU op (the shared ones may be compiled by earlier tests), counters at zero."""
+    """Never-compiled units for every CPU op (the shared ones may be compiled by earlier tests), counters at zero.
+
+    Determinism off: earlier trainings leave Ultralytics' torch.use_deterministic_algorithms(True) on, which selects
+    the synchronous compile.
+    """
+    was = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(False)
     monkeypatch.setattr(cpu_compile, "_COMPILER", cpu_compile._BackwardCompiler())
     monkeypatch.setattr(cpu_compile, "_FWD", {
         False: AsyncCompiled(cpu_compile._fwd, cpu_compile._warm_fwd_tensor, "test fwd tensor", "lsq_forward"),
@@ -46,6 +52,8 @@ def fresh_units(monkeypatch):
     })  # fmt: skip
     for op in async_compile.OPS:
         monkeypatch.setitem(async_compile.PATHS, op, async_compile.PathStats())
+    yield
+    torch.use_deterministic_algorithms(was, warn_only=True)
 
 
 def _skip_without_compiler():
@@ -103,7 +111,8 @@ def test_background_compile_serves_the_calls_without_recompiling(monkeypatch, fr
     _train_step((4, N // 4))
     _track_step((8, 4096 // 8))
     units = [cpu_compile._FWD[False], *cpu_compile._COMPILER.units.values(), cpu_compile_track._COMPILED[False]]
-    assert len(units) == 3 and all(u.fn is None for u in units)
+    assert len(units) == 3  # each first call started a background compile and ran eager (a warm cache may be quick)
+    assert all((s.eager, s.compiled) == (1, 0) for s in cpu_compile_paths().values())
     for unit in units:
         unit._thread.join()
     _skip_without_compiler()
@@ -141,6 +150,9 @@ def test_warm_ups_leave_the_global_rng_alone():
     units = [compiler.unit((pc, lr, dt, fz, dist)) for (pc, lr), dt, fz, dist in
              itertools.product(kinds, dtypes, frozen, (False, True))]  # fmt: skip
     units += [*cpu_compile._FWD.values(), *cpu_compile_track._COMPILED.values()]
+    for unit in [*cpu_compile._COMPILER.units.values(), *units]:  # a compile left running by an earlier test
+        if getattr(unit, "_thread", None) is not None:  # restores the RNG state it saved when it ends
+            unit._thread.join()
     torch.manual_seed(123)
     before = torch.get_rng_state()
     for unit in units:
