@@ -70,7 +70,7 @@ def test_staged_bits_run_end_to_end(coco8, tmp_path):
     assert [float(r["qat/stage"]) for r in rows] == [0.0, 1.0, 2.0]
     # every validation in training is preceded by a BN re-estimation; QC (after training) re-estimates by itself
     assert [float(r["qat/bn_reestimate_batches"]) for r in rows] == [1.0, 1.0, 1.0]
-    state = torch.load(save_dir / "weights" / "last.pt", map_location="cpu", weights_only=False)["model"].state_dict()
+    state = torch.load(save_dir / "weights" / "last.pt", map_location="cpu", weights_only=False)[CKPT_KEY]["state"]
     assert state["model.1.conv.weight_fake_quant.qrange"].tolist() == [4, -7, 7]
     assert state["model.0.conv.weight_fake_quant.qrange"].tolist() == [8, -127, 127]  # first layer not scheduled
     assert state["model.1.conv.input_fake_quant.qrange"][0].item() == 4

@@ -21,39 +21,62 @@ def _scales(model):
     return {n: q.scale.detach().clone() for n, q in quantizers(model)}
 
 
-def test_finished_checkpoints_are_exact_even_for_plain_ultralytics(qat_run, coco8):
-    x = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+_NO_PLUGIN = """
+import sys, torch
+sys.modules["ultralytics_qat"] = None  # as on a machine without the plugin: no import, no auto-install
+from ultralytics import YOLO
+m = YOLO(sys.argv[1]).model.float().eval()
+with torch.no_grad():
+    print(float(m(torch.zeros(1, 3, 64, 64))[0].abs().sum()))
+"""
+
+
+def test_finished_checkpoints_are_plain_ultralytics_models_that_load_exactly(qat_run):
+    import subprocess
+    import sys
+    import zipfile
+
     for name in ("best.pt", "last.pt"):
         path = qat_run / "weights" / name
         ckpt = torch.load(path, map_location="cpu", weights_only=False)
         entry = ckpt[CKPT_KEY]
         assert entry["config"]["weight"]["bits"] == 4 and entry["kind"] == "deploy"  # a finished run's files
-        pickled = ckpt["model"]
-        quantized = [m for m in pickled.modules() if isinstance(m, QConv2d)]
-        assert len(quantized) == 57 and all(m.weight.dtype == torch.float16 for m in quantized)  # compact
-        assert all(q.scale.dtype == torch.float32 for _, q in quantizers(pickled))  # scales never rounded
-        exact, _ = load_qat_model(path)
-        plain = YOLO(str(path)).model.eval()  # what Ultralytics alone loads
-        assert all(torch.equal(a, b) for a, b in zip(_scales(exact).values(), _scales(plain).values()))
-        with torch.no_grad():
-            assert torch.equal(exact.eval()(x)[0], plain(x)[0]), name
+        with zipfile.ZipFile(path) as z:  # no class of ours in the pickle: plain Ultralytics never looks for us
+            assert not any(b"ultralytics_qat" in z.read(n) for n in z.namelist() if n.endswith(".pkl"))
+        scales = {k: v for k, v in entry["state"].items() if k.endswith(".scale")}
+        assert len(scales) == 57 + 57 and all(v.dtype == torch.float32 for v in scales.values())
+        exact, _ = load_qat_model(path)  # quantizers re-inserted from the entry
+        assert len([m for m in exact.modules() if isinstance(m, QConv2d)]) == 57
+        for k, v in scales.items():
+            assert torch.equal(exact.state_dict()[k], v), k
+        for m in exact.modules():  # the fp16 weights give back integer codes exactly (no code off its grid point)
+            if isinstance(m, QConv2d):
+                q = m.weight_fake_quant
+                s = q.scale.detach().view(-1, 1, 1, 1) if q.per_channel else q.scale.detach()
+                err = (m.weight.float() / s - q.quantized_int(m.weight)).abs().max()
+                assert err < 0.07, (err, q)
+    out = subprocess.run([sys.executable, "-c", _NO_PLUGIN, str(qat_run / "weights" / "best.pt")],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and "AutoInstall" not in out.stdout + out.stderr, out.stderr[-2000:]
 
 
-def test_plain_yolo_export_of_a_qat_checkpoint_matches_the_qat_model(qat_run, tmp_path):
-    import shutil
-
+def test_plain_yolo_export_of_a_resumable_qat_checkpoint_writes_qdq(qat_run, tmp_path):
     import onnx
     import onnxruntime as ort
 
-    best = tmp_path / "best.pt"
-    shutil.copy(qat_run / "weights" / "best.pt", best)
-    f = YOLO(str(best)).export(format="onnx", imgsz=64)  # Ultralytics' own exporter, not yolo-qat export
+    from ultralytics_qat.checkpoint import resume_entry, resume_pickle
+
+    model, ckpt = load_qat_model(qat_run / "weights" / "best.pt")
+    path = tmp_path / "mid_run.pt"  # a resumable file pickles the quantized model itself
+    torch.save({**ckpt, "model": None, "ema": resume_pickle(model), CKPT_KEY: resume_entry(model, ckpt[CKPT_KEY]["config"])},
+               path)
+    f = YOLO(str(path)).export(format="onnx", imgsz=64)  # Ultralytics' own exporter, not yolo-qat export
     ops = [n.op_type for n in onnx.load(f).graph.node]
-    model, _ = load_qat_model(best)
     assert ops.count("DequantizeLinear") >= len(quantizers(model)) - 2  # onnxslim may merge shared input Q/DQ
     x = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    plain = YOLO(str(path)).model.float().eval()  # the model Ultralytics exported: the symbolic must match it
     with torch.no_grad():
-        ref = model.eval()(x)[0].numpy()
+        ref = plain(x)[0].numpy()
     out = ort.InferenceSession(f).run(None, {"images": x.numpy()})[0]
     assert abs(ref - out).max() <= 1e-3 * max(abs(ref).max(), 1.0)
 

@@ -6,11 +6,13 @@ Ultralytics pickles the EMA model in fp16 under ``ckpt["ema"]``/``ckpt["model"]`
 - ``resume`` (``last.pt`` during training, ``epoch<N>.pt``): the fp32 value of every float tensor except the
   oscillation-tracker state, which the pickled model itself keeps in fp32 (stored once, exact). Resume and NaN
   recovery are bitwise.
-- ``deploy`` (``best.pt``, and both files once a run has finished): each quantized weight in the pickle is snapped
-  to its grid point ``code * s`` and stored in fp16, which still rounds to the same integer code (|code| <= 127 needs
-  only 8 bits of the fp16 mantissa); everything the codes do not determine (scales, BN, biases, float layers) stays
-  fp32 in the pickle itself, so even plain Ultralytics (``yolo val``, ``yolo export``) reads the exact model. Tracker
-  state is dropped. About the size of the float checkpoint.
+- ``deploy`` (``best.pt``, and both files once a run has finished): the pickle is a plain Ultralytics model, no class
+  of ours in it, so Ultralytics without this plugin loads it (and never offers to pip-install a module named
+  ``ultralytics_qat``). Each quantized conv's weight is its dequantized value ``code * s`` in fp16, which rounds back
+  to the same integer code given the fp32 scale (|code| <= 127 needs only 8 bits of the fp16 mantissa); BN, biases
+  and float layers stay fp32. The entry holds the quantizers' state (fp32 scales, grids) under the QAT model's keys;
+  loading re-inserts the quantizers from the entry's config and restores it: the exact QAT model. Tracker state is
+  dropped. About the size of the float checkpoint.
 
 Format 1 (before 0.2: one fp32 copy of the whole state, trackers included) still loads.
 Everything that reads or writes a QAT checkpoint goes through here.
@@ -47,37 +49,55 @@ def resume_entry(model: nn.Module, config: dict) -> dict:
 
 
 def resume_pickle(model: nn.Module) -> nn.Module:
-    """The model as Ultralytics pickles it (fp16, NCHW), tracker buffers kept in fp32 (their only copy)."""
+    """The model as Ultralytics pickles it (fp16, NCHW), but quantizers in fp32: tracker buffers (their only copy)
+    and scales (small; an fp16 scale moves activation codes for whoever reads the pickle alone, e.g. ``yolo export``)."""
+    from .quant import LSQQuantizer
+
     out = deepcopy(unwrap(model)).half().to(memory_format=torch.contiguous_format)
-    trackers = {n: m for n, m in unwrap(model).named_modules() if type(m).__name__ == "OscillationTracker"}
+    exact = {n: m for n, m in unwrap(model).named_modules() if isinstance(m, LSQQuantizer)}
     for name, m in out.named_modules():
-        if name in trackers:
-            for b, v in trackers[name].named_buffers():
-                setattr(m, b, v.detach().cpu().clone())
+        if name in exact:
+            m.scale = nn.Parameter(exact[name].scale.detach().float().cpu().clone(), exact[name].scale.requires_grad)
+            t = getattr(exact[name], "tracker", None)
+            for b, v in (t.named_buffers() if t is not None else ()):
+                setattr(m.tracker, b, v.detach().cpu().clone())
     return _strip_runtime(out)
 
 
 def deploy_pickle_and_entry(model: nn.Module, config: dict) -> tuple[nn.Module, dict]:
-    """A compact deploy copy: (fp16 model with snapped quantized weights and no tracker state, its entry)."""
+    """A compact deploy copy: (plain Ultralytics model with dequantized fp16 weights, the entry with the quantizers)."""
+    from .quant import QConv2d
+
     out = deepcopy(unwrap(model)).float()
-    weights = set()
+    state = {k: v.detach().clone() for k, v in out.state_dict().items() if _QUANTIZER in k and TRACKER not in k}
     with torch.no_grad():
-        for name, m in out.named_modules():
-            q = getattr(m, "weight_fake_quant", None)
-            if q is not None and q._initialized:
+        for name, m in list(out.named_modules()):
+            if not isinstance(m, QConv2d):
+                continue
+            q = m.weight_fake_quant
+            if q._initialized:
                 codes = q.quantized_int(_effective_weight(m))
                 s = q.scale.detach().float().clamp_min(1e-8)
                 m.weight.copy_(codes * (s.view(-1, *[1] * (codes.dim() - 1)) if q.per_channel else s))
-                weights.add(f"{name}.weight")
-            t = getattr(q, "tracker", None) if q is not None else None
-            if t is not None:
-                for b, v in list(t.named_buffers()):
-                    setattr(t, b, v.new_zeros(0) if v.dim() else v.new_zeros(()))
-    for name, m in out.named_modules():  # only the snapped weights go to fp16: the rest is small and stays exact
-        if f"{name}.weight" in weights:
-            m.weight.data = m.weight.data.half().contiguous()
-    entry = {"format": CKPT_FORMAT, "kind": "deploy", "config": config, "state": {}}
+            parent, _, attr = name.rpartition(".")
+            setattr(out.get_submodule(parent), attr, _plain_conv(m, half=q._initialized))
+    entry = {"format": CKPT_FORMAT, "kind": "deploy", "config": config, "state": state}
     return _strip_runtime(out.to(memory_format=torch.contiguous_format)), entry
+
+
+_QUANTIZER = "_fake_quant."  # state_dict keys of weight_fake_quant / input_fake_quant
+
+
+def _plain_conv(q: nn.Conv2d, half: bool) -> nn.Conv2d:
+    """An ``nn.Conv2d`` with the QConv2d's geometry and (dequantized) weight, fp16 when the weight is on its grid."""
+    conv = nn.Conv2d(q.in_channels, q.out_channels, q.kernel_size, q.stride, q.padding, q.dilation, q.groups,
+                     q.bias is not None, q.padding_mode, device="meta")
+    conv.weight = nn.Parameter(q.weight.detach().half().contiguous() if half else q.weight.detach().clone(),
+                               requires_grad=q.weight.requires_grad)
+    if q.bias is not None:
+        conv.bias = nn.Parameter(q.bias.detach().clone(), requires_grad=q.bias.requires_grad)
+    conv.train(q.training)
+    return conv
 
 
 def _effective_weight(conv: nn.Module) -> torch.Tensor:
@@ -215,14 +235,35 @@ def load_raw(path: str | Path) -> tuple[nn.Module, dict]:
 
 
 def require_qat(model: nn.Module, ckpt: dict, path: str | Path, hint: str = "yolo val") -> dict:
-    """The ``ckpt["qat"]`` entry, or an error pointing a float checkpoint to plain Ultralytics."""
+    """The ``ckpt["qat"]`` entry, or an error that says what the file is instead."""
     entry = ckpt.get(CKPT_KEY)
-    if not isinstance(entry, dict) or not is_qat_model(model):
+    if not isinstance(entry, dict):
+        if is_qat_model(model) or getattr(model, "qat_config", None) is not None:
+            raise QATCheckpointError(
+                f"'{path}' holds a QAT model but lost its QAT entry (ckpt['qat']), so its exact state is gone; use "
+                "another checkpoint of the run (last.pt or best.pt), or retrain"
+            )
         raise QATCheckpointError(
             f"'{path}' is a float Ultralytics checkpoint, not a QAT one; use '{hint} model={path}', "
             f"or quantize it first with 'yolo-qat train model={path}'"
         )
     return entry
+
+
+def carries_qat(model: nn.Module) -> bool:
+    """True for a model loaded from a QAT checkpoint: quantized (resume kind), or plain with its QAT config (deploy)."""
+    return is_qat_model(model) or getattr(model, "qat_config", None) is not None
+
+
+def materialize(model: nn.Module, entry: dict) -> nn.Module:
+    """Re-insert the quantizers of a deploy checkpoint's plain model (from the entry's config), in place."""
+    if is_qat_model(model):
+        return model
+    from .config import QATConfig
+    from .controller import QATController
+
+    QATController(QATConfig.from_dict(entry["config"], source="checkpoint")).prepare(model, verbose=False)
+    return model
 
 
 def restore_checked(model: nn.Module, entry: dict, path: str | Path) -> None:
@@ -243,7 +284,8 @@ def restore_checked(model: nn.Module, entry: dict, path: str | Path) -> None:
 def load_qat_model(path: str | Path, hint: str = "yolo val") -> tuple[nn.Module, dict]:
     """Load a QAT checkpoint as an eval-mode fp32 model with its exact learned state, plus the checkpoint dict."""
     model, ckpt = load_raw(path)
-    restore_checked(model, require_qat(model, ckpt, path, hint), path)
+    entry = require_qat(model, ckpt, path, hint)
+    restore_checked(materialize(model, entry), entry, path)
     return model, ckpt
 
 
@@ -269,7 +311,8 @@ def load_qat_yolo(path: str | Path, hint: str = "yolo val"):
 
     p = check_checkpoint_path(path)
     yolo = _load_errors(p, lambda: YOLO(str(p)))
-    restore_checked(yolo.model, require_qat(yolo.model, yolo.ckpt, p, hint), p)
+    entry = require_qat(yolo.model, yolo.ckpt, p, hint)
+    restore_checked(materialize(yolo.model, entry), entry, p)
     return yolo
 
 
@@ -284,6 +327,7 @@ def finished_or_deploy(ckpt: dict) -> str | None:
     return None
 
 
-__all__ = ["CKPT_KEY", "CKPT_FORMAT", "atomic_save", "check_checkpoint_path", "deploy_pickle_and_entry",
+__all__ = ["CKPT_KEY", "CKPT_FORMAT", "atomic_save", "carries_qat", "check_checkpoint_path", "deploy_pickle_and_entry",
+           "materialize",
            "finished_or_deploy", "load_qat_model", "load_qat_yolo", "load_raw", "require_qat", "restore",
            "restore_checked", "restore_exact", "resume_entry", "resume_pickle", "scale_problems"]

@@ -32,7 +32,7 @@ import torch
 
 from .. import checkpoint as ckpt_io
 from ..config import QATConfig
-from ..controller import QATController, is_qat_model, unwrap
+from ..controller import QATController, unwrap
 from ..errors import QATCheckpointError, QATError
 from ..stabilize import TrainState
 from ..utils import LOGGER
@@ -167,13 +167,14 @@ class QATRun:
         """Build the detection model, insert quantizers, then load ``weights`` (float or QAT, exactly) into it."""
         from ultralytics.utils import RANK
 
-        if weights is not None and is_qat_model(weights):
+        qat_weights = weights is not None and ckpt_io.carries_qat(weights)
+        if qat_weights:
             self._adopt_checkpoint_config(weights, bool(trainer.args.resume))
         model = base(cfg=cfg, weights=None, verbose=verbose)
         self.qat.prepare(model, verbose=verbose and RANK in {-1, 0})
         if weights is not None:
             model.load(weights)
-            if is_qat_model(weights):
+            if qat_weights:
                 ckpt_io.restore_exact(model, weights)
         return model
 
