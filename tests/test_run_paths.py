@@ -252,3 +252,35 @@ def test_nan_scales_in_a_checkpoint_are_refused_in_one_line(qat_run, tmp_path, c
     assert main(["val", f"model={tmp_path / 'nan.pt'}"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "NaN or inf" in err, err
+
+
+_TRAIN = """
+import sys
+from ultralytics_qat.utils import make_hermetic
+make_hermetic()
+from ultralytics import YOLO
+from ultralytics_qat import QATDetectionTrainer
+YOLO("yolov8n.yaml").train(trainer=QATDetectionTrainer, data=sys.argv[1], project=sys.argv[2], name="k", exist_ok=True,
+                           epochs=4, imgsz=64, batch=4, nbs=4, workers=0, plots=False, seed=0, val=False)
+"""
+
+
+@pytest.mark.parametrize("delay", [0.0, 0.05])
+def test_training_killed_during_a_checkpoint_write_resumes_from_disk(coco8, tmp_path, delay):
+    wdir = tmp_path / "k" / "weights"
+    p = subprocess.Popen([sys.executable, "-c", _TRAIN, str(coco8), str(tmp_path)],
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:  # wait for the second epoch's write of last.pt to begin (a previous last.pt exists), then kill -9
+        deadline = time.time() + 300
+        while time.time() < deadline and not ((wdir / "last.pt").exists() and list(wdir.glob(".last.pt.*.tmp"))):
+            assert p.poll() is None, "training ended before the kill"
+            time.sleep(0.002)
+        time.sleep(delay)
+        p.kill()
+    finally:
+        p.wait()
+    ckpt = torch.load(wdir / "last.pt", map_location="cpu", weights_only=False)  # the previous epoch, whole
+    assert ckpt[CKPT_KEY]["kind"] == "resume" and ckpt["epoch"] >= 0
+    resumed = YOLO(str(wdir / "last.pt"))
+    resumed.train(trainer=QATDetectionTrainer, resume=True)
+    assert len(_rows(tmp_path / "k")) == 4 and resumed.trainer.start_epoch == ckpt["epoch"] + 1

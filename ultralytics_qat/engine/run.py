@@ -229,6 +229,7 @@ class QATRun:
         ckpt_io.restore(trainer.model, entry)
         ckpt_io.restore(trainer.ema.ema, entry)
         self.configure_ema(trainer)  # Ultralytics rebuilt the EMA with its own decay
+        _drop_rows_after(trainer.csv, ckpt.get("epoch", -1) + 1)
 
     def save_model(self, trainer, base=None) -> bool:
         """Write last.pt (resumable), best.pt (compact) and period checkpoints, each atomically."""
@@ -421,6 +422,25 @@ class QATRun:
             for k, v in ema.state_dict().items():
                 if v.is_floating_point() and not torch.isfinite(v).all() and torch.isfinite(model_sd[k]).all():
                     v.copy_(model_sd[k])
+
+
+def _drop_rows_after(csv_path, epochs_done: int) -> None:
+    """Forget results.csv rows of epochs the checkpoint does not hold (written before a save that a kill cut off)."""
+    if epochs_done < 1 or not csv_path.exists():
+        return
+    lines = csv_path.read_text().splitlines(keepends=True)
+    keep = lines[:1] + [ln for ln in lines[1:] if _epoch_of(ln) <= epochs_done]
+    if len(keep) < len(lines):
+        tmp = csv_path.with_name(f".{csv_path.name}.tmp")
+        tmp.write_text("".join(keep))
+        tmp.replace(csv_path)
+
+
+def _epoch_of(line: str) -> float:
+    try:
+        return float(line.split(",", 1)[0])
+    except ValueError:
+        return -1.0
 
 
 def _ema_decay(decay: float, tau: float, updates: int) -> float:
