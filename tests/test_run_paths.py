@@ -284,3 +284,12 @@ def test_training_killed_during_a_checkpoint_write_resumes_from_disk(coco8, tmp_
     resumed = YOLO(str(wdir / "last.pt"))
     resumed.train(trainer=QATDetectionTrainer, resume=True)
     assert len(_rows(tmp_path / "k")) == 4 and resumed.trainer.start_epoch == ckpt["epoch"] + 1
+
+
+def test_a_qat_checkpoint_that_lost_its_entry_is_named_as_such(qat_run, tmp_path, capsys):
+    ckpt = torch.load(qat_run / "weights" / "best.pt", map_location="cpu", weights_only=False)
+    del ckpt[CKPT_KEY]
+    torch.save(ckpt, tmp_path / "no_entry.pt")
+    assert main(["val", f"model={tmp_path / 'no_entry.pt'}"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "lost its QAT entry" in err, err
