@@ -214,12 +214,27 @@ class QATConfig:
         else:
             path = resolve_qat_yaml(qat)
             data, source = _read_yaml(path), path.name
-        data = _apply_overrides(data, overrides or {})
-        return cls.from_dict(data, source=source)
+        merged = _apply_overrides(data, overrides or {})
+        try:
+            return cls.from_dict(merged, source=source)
+        except QATConfigError as e:
+            if not overrides or _fails(cls, data, source):
+                raise
+            msg = str(e).removeprefix(f"{source}: ")  # the file was fine: blame what the overrides changed
+            keys = ", ".join(f"qat.{k}" for k in overrides)
+            raise QATConfigError(f"override {keys}: {msg}") from None
 
     def to_dict(self) -> dict:
         """Plain nested dict (yaml/pickle friendly); ``QATConfig.from_dict(cfg.to_dict()) == cfg``."""
         return asdict(self)
+
+
+def _fails(cls, data: dict, source: str) -> bool:
+    try:
+        cls.from_dict(data, source=source)
+    except QATConfigError:
+        return True
+    return False
 
 
 def resolve_qat_yaml(qat: str | Path | None) -> Path:

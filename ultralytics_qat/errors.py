@@ -5,7 +5,11 @@ The CLI prints ``str(error)`` of these and exits non-zero, so every message must
 
 
 class QATError(Exception):
-    """Base class of every error ultralytics-qat raises on purpose."""
+    """Base class of every error ultralytics-qat raises on purpose; its message is always one printable line."""
+
+    def __init__(self, message: str = "", *args):
+        # user input quoted in a message (a key with a newline, a control character) must not break the line
+        super().__init__("".join(c if c.isprintable() else repr(c)[1:-1] for c in str(message)), *args)
 
 
 class QATConfigError(QATError, ValueError):
