@@ -346,8 +346,12 @@ class QATRun:
         before = trainer.best_fitness
         state = self.state(trainer, final=True)
         self.qat.finalize(state)
-        trainer.metrics, trainer.fitness = trainer.validate()
-        fitness = trainer.fitness
+        # the validator directly: trainer.validate() broadcasts EMA buffers, a collective only rank 0 would reach here
+        metrics = trainer.validator(trainer) or {}
+        fitness = metrics.pop("fitness", None)
+        trainer.metrics, trainer.fitness = metrics, fitness
+        if fitness is not None and (before is None or fitness > before):
+            trainer.best_fitness = fitness
         better = before is None or fitness is None or fitness >= before
         self.post_qat = {"epoch": trainer.epoch, "fitness": _num(fitness), "best_fitness_before": _num(before),
                          "in_best": bool(better), **{k: _num(v) for k, v in state.log.items()
