@@ -175,7 +175,7 @@ def _check_resume_arg(args: dict) -> None:
 
 def _read_cfg(path) -> dict:
     """The arguments in an Ultralytics cfg yaml (``cfg=args.yaml``), or a one-line error."""
-    import yaml
+    from .config import read_yaml_file
 
     p = Path(str(path))
     if p.suffix not in {".yaml", ".yml"}:
@@ -183,18 +183,7 @@ def _read_cfg(path) -> dict:
                        "'key: value' lines")
     if not p.is_file():
         raise CLIError(f"cfg file '{path}' not found; pass an existing yaml of Ultralytics arguments, e.g. a run's args.yaml")
-    try:
-        block = yaml.safe_load(p.read_text(encoding="utf-8"))
-    except UnicodeDecodeError:
-        raise CLIError(f"cfg file '{path}' is not UTF-8 text; save it as UTF-8") from None
-    except OSError as e:
-        raise CLIError(f"cfg file '{path}' could not be read ({e.strerror}); pass a readable yaml") from None
-    except RecursionError:
-        raise CLIError(f"cfg file '{path}' is nested too deeply; it holds Ultralytics 'key: value' lines") from None
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f" (line {mark.line + 1}: {e.problem})" if mark else ""
-        raise CLIError(f"cfg file '{path}' is not valid YAML{where}; fix the syntax") from None
+    block = read_yaml_file(p, CLIError, f"cfg file '{path}'", "yaml", "it holds Ultralytics 'key: value' lines")
     if block is None:
         return {}
     if not isinstance(block, dict):

@@ -300,22 +300,25 @@ _REPR = reprlib.Repr()
 _REPR.maxlevel, _REPR.maxstring, _REPR.maxother, _REPR.maxlong = 3, 40, 40, 40
 
 
-def _read_yaml(path: Path) -> dict:
-    """The mapping of qat keys in a qat.yaml (unwrapping a lone ``qat:`` block), or a one-line error."""
+def read_yaml_file(path: Path, error: type[Exception], name: str, kind: str, nesting_hint: str):
+    """``yaml.safe_load`` of a file, every way it can fail turned into one-line ``error`` naming ``name``."""
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        return yaml.safe_load(path.read_text(encoding="utf-8"))
     except UnicodeDecodeError as e:
-        raise QATConfigError(
-            f"{path} is not UTF-8 text (byte {e.object[e.start]:#04x} at offset {e.start}); save it as UTF-8"
-        ) from None
+        raise error(f"{name} is not UTF-8 text (byte {e.object[e.start]:#04x} at offset {e.start}); save it as UTF-8") from None
     except OSError as e:
-        raise QATConfigError(f"{path} could not be read ({e.strerror}); pass a readable qat.yaml") from None
+        raise error(f"{name} could not be read ({e.strerror}); pass a readable {kind}") from None
     except RecursionError:
-        raise QATConfigError(f"{path} is nested too deeply to be a qat.yaml; qat keys are at most 3 levels deep") from None
+        raise error(f"{name} is nested too deeply; {nesting_hint}") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
-        where = f" line {mark.line + 1}" if mark else ""
-        raise QATConfigError(f"{path}:{where} is not valid YAML ({getattr(e, 'problem', e)}); fix the syntax") from None
+        where = f" (line {mark.line + 1}: {getattr(e, 'problem', e)})" if mark else ""
+        raise error(f"{name} is not valid YAML{where}; fix the syntax") from None
+
+
+def _read_yaml(path: Path) -> dict:
+    """The mapping of qat keys in a qat.yaml (unwrapping a lone ``qat:`` block), or a one-line error."""
+    data = read_yaml_file(path, QATConfigError, str(path), "qat.yaml", "qat keys are at most 3 levels deep")
     if data is None:
         return {}
     if not isinstance(data, dict):
