@@ -76,7 +76,7 @@ def deploy_pickle_and_entry(model: nn.Module, config: dict) -> tuple[nn.Module, 
                 continue
             q = m.weight_fake_quant
             if q._initialized:
-                codes = q.quantized_int(_effective_weight(m))
+                codes = _codes(m)
                 s = q.scale.detach().float().clamp_min(1e-8)
                 m.weight.copy_(codes * (s.view(-1, *[1] * (codes.dim() - 1)) if q.per_channel else s))
             parent, _, attr = name.rpartition(".")
@@ -100,15 +100,13 @@ def _plain_conv(q: nn.Conv2d, half: bool) -> nn.Conv2d:
     return conv
 
 
-def _effective_weight(conv: nn.Module) -> torch.Tensor:
-    """The latent weight with frozen codes substituted (they are baked in already; this makes it certain)."""
-    q, w = conv.weight_fake_quant, conv.weight.detach().float()
+def _codes(conv: nn.Module) -> torch.Tensor:
+    """The conv's integer weight codes, frozen ones included (baked in already; the tracker makes it certain)."""
+    q, w = conv.weight_fake_quant, conv.weight.detach()
     t = getattr(q, "tracker", None)
-    if t is None or not bool(getattr(t, "initialized", False)) or t.frozen.numel() != w.numel():
-        return w
-    s = q.scale.detach().float().clamp_min(1e-8)
-    s = s.view(-1, *[1] * (w.dim() - 1)) if q.per_channel else s
-    return torch.where(t.frozen.view(w.shape).bool(), t.frozen_int.view(w.shape).float() * s, w)
+    if t is not None and bool(t.initialized) and t.frozen.numel() == w.numel():
+        return t.codes(w, q)
+    return q.quantized_int(w)
 
 
 def _strip_runtime(model: nn.Module) -> nn.Module:
@@ -316,18 +314,23 @@ def load_qat_yolo(path: str | Path, hint: str = "yolo val"):
     return yolo
 
 
-def finished_or_deploy(ckpt: dict) -> str | None:
-    """Why a checkpoint cannot be resumed (a finished run, or a deploy copy), or None if it can."""
+def finished_message(path, epochs) -> str:
+    """The one-line refusal to resume a finished run (Ultralytics' own meaning, with the yolo-qat command)."""
+    return (f"'{path}': training to {epochs} epochs is finished, nothing to resume; start a new training without "
+            f"resuming, i.e. 'yolo-qat train model={path}'")
+
+
+def resume_refusal(path, ckpt: dict) -> str | None:
+    """Why ``path`` (loaded as ``ckpt``) cannot be resumed, as a one-line message, or None if it can."""
+    if ckpt.get("epoch", -1) < 0 or ckpt.get("optimizer") is None:
+        return finished_message(path, (ckpt.get("train_args") or {}).get("epochs", "its"))
     entry = ckpt.get(CKPT_KEY)
-    if ckpt.get("epoch", -1) == -1 or ckpt.get("optimizer") is None:
-        epochs = (ckpt.get("train_args") or {}).get("epochs", "its")
-        return f"training to {epochs} epochs is finished, nothing to resume"
     if isinstance(entry, dict) and entry.get("kind") == "deploy":
-        return "it is a deploy checkpoint (best.pt) without training state"
+        return f"'{path}' is a deploy checkpoint without training state; resume from the run's last.pt"
     return None
 
 
 __all__ = ["CKPT_KEY", "CKPT_FORMAT", "atomic_save", "carries_qat", "check_checkpoint_path", "deploy_pickle_and_entry",
            "materialize",
-           "finished_or_deploy", "load_qat_model", "load_qat_yolo", "load_raw", "require_qat", "restore",
+           "finished_message", "resume_refusal", "load_qat_model", "load_qat_yolo", "load_raw", "require_qat", "restore",
            "restore_checked", "restore_exact", "resume_entry", "resume_pickle", "scale_problems"]

@@ -226,14 +226,11 @@ def _check_resumable(yolo, model) -> None:
     if not ckpt:
         raise CLIError(f"'{model}' is not a training checkpoint, so there is nothing to resume; resume a run's last.pt, "
                        "i.e. 'yolo-qat train resume model=<run>/weights/last.pt', or train without resume")
-    if ckpt.get("epoch", -1) < 0 or ckpt.get("optimizer") is None:
-        epochs = (ckpt.get("train_args") or {}).get("epochs", "its")
-        raise CLIError(_finished(model, epochs))
+    from .checkpoint import resume_refusal
 
-
-def _finished(model, epochs) -> str:
-    return (f"'{model}': training to {epochs} epochs is finished, nothing to resume; start a new training without "
-            f"resuming, i.e. 'yolo-qat train model={model}'")
+    why = resume_refusal(model, ckpt)
+    if why:
+        raise CLIError(why)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -291,7 +288,9 @@ _FINISHED = re.compile(r"(?P<model>.+) training to (?P<epochs>\d+) epochs is fin
 
 def _resume_failure(e, args, mode) -> str | None:
     if isinstance(e, AssertionError) and (m := _FINISHED.match(_first_line(e))):
-        return _finished(m["model"], m["epochs"])
+        from .checkpoint import finished_message
+
+        return finished_message(m["model"], m["epochs"])
     if isinstance(e, FileNotFoundError) and str(e).startswith("Resume checkpoint not found"):
         why = f" ({_load_failure(e.__cause__)})" if e.__cause__ else ""
         return (f"resume={args.get('resume')} could not be loaded{why}; pass the last.pt of an interrupted run, "

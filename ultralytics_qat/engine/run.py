@@ -156,11 +156,9 @@ class QATRun:
             return
         path = trainer.args.model
         ckpt = torch.load(path, map_location="cpu", weights_only=False)
-        why = ckpt_io.finished_or_deploy(ckpt)
+        why = ckpt_io.resume_refusal(path, ckpt)
         if why:
-            raise QATCheckpointError(
-                f"'{path}': {why}; start a new training from it without resuming, i.e. 'yolo-qat train model={path}'"
-            )
+            raise QATCheckpointError(why)
 
     # -- trainer hooks (both doors) ----------------------------------------------------------------------------------
     def get_model(self, trainer, base, cfg=None, weights=None, verbose=True):
