@@ -1,18 +1,23 @@
-"""Training overhead of QAT against float training: epoch time and peak memory, side by side in one run.
+"""Training overhead of QAT against float training, timed as users run it: the loop and the full epoch, side by side.
 
 Each configuration trains yolov8n from its yaml on the synthetic shapes dataset in its own subprocess (peak RSS is a
-per-process high-water mark) with identical Ultralytics arguments. Epoch time is the training loop only, measured with
-callbacks from ``on_train_epoch_start`` to the epoch's last ``on_train_batch_end`` (the process also builds datasets
-and validates, and QAT re-estimates BN before validation — validation-time costs that would blur the ratio); the
-first two epochs are dropped as warm-up (the CPU kernels compile in a background thread meanwhile, eager until
-ready) and the median of the rest reported. BN re-estimation is switched off here: it is a per-validation cost, reported in README separately.
+per-process high-water mark) with identical Ultralytics arguments and validation every epoch, as a real run does.
+Per epoch it records, from Ultralytics callbacks:
 
-Configurations: FP (plain DetectionTrainer), ultralytics-qat W8A8 and W4A4 (QATDetectionTrainer), and upstream INT8
-QAT (``quantize=8``, nvidia-modelopt with fixed calibrated ranges) when ``nvidia-modelopt`` is installed
-(``pip install "ultralytics-qat[bench]"``).
+- loop: ``on_train_epoch_start`` to the epoch's last ``on_train_batch_end`` (forward, backward, optimizer, EMA);
+- full epoch: ``on_train_epoch_start`` to ``on_fit_epoch_end`` (loop + QAT's BN re-estimation + validation +
+  checkpoint writing), i.e. what an epoch costs the user;
+- BN re-estimation: the time spent in ``reestimate_bn`` (QAT only; part of the full epoch).
 
-    python scripts/bench_overhead.py                      # imgsz 320, batch 8, 128 images, 6 epochs
-    python scripts/bench_overhead.py --imgsz 160 --epochs 3
+The first two epochs are dropped as warm-up (the CPU kernels compile meanwhile) and the median of the rest reported;
+"process" is the whole child process's wall time, dataset building and the final validation included.
+
+Configurations: FP (plain DetectionTrainer), ultralytics-qat W8A8 and W4A4 (QATDetectionTrainer, default recipe),
+and upstream INT8 QAT (``quantize=8``, nvidia-modelopt with fixed calibrated ranges) when ``nvidia-modelopt`` is
+installed (``pip install "ultralytics-qat[bench]"``).
+
+    python scripts/bench_overhead.py                      # imgsz 320, batch 8, 128 + 32 images, 6 epochs
+    python scripts/bench_overhead.py --imgsz 160 --epochs 3 --only fp qat-w4a4
 """
 
 from __future__ import annotations
@@ -27,35 +32,47 @@ from pathlib import Path
 
 CONFIGS = {
     "fp": {},
-    "qat-w8a8": {"qat": "qat.yaml", "qat.weight.bits": 8, "qat.activation.bits": 8, "qat.bn.reestimate": False},
-    "qat-w4a4": {"qat": "qat.yaml", "qat.bn.reestimate": False},
+    "qat-w8a8": {"qat": "qat.yaml", "qat.weight.bits": 8, "qat.activation.bits": 8},
+    "qat-w4a4": {"qat": "qat.yaml"},
     "upstream-int8": {"quantize": 8},
 }
 
 CHILD = r"""
 import json, resource, statistics, sys, time
+t_process = time.perf_counter()
 from ultralytics_qat.utils import make_hermetic
 make_hermetic(sys.argv[3])
 import torch
 from ultralytics import YOLO
 from ultralytics.models.yolo.detect import DetectionTrainer
 from ultralytics_qat import QATDetectionTrainer
+import ultralytics_qat.stabilize.bn as bn_mod
 
 name, spec, base = sys.argv[1], json.loads(sys.argv[2]), json.loads(sys.argv[4])
-times, t0 = [], {}
-def start(tr): t0["t"] = time.perf_counter()
-def batch_end(tr): t0["last"] = time.perf_counter()
-def end(tr): times.append(t0["last"] - t0["t"])
+loop, full, bn, t = [], [], [], {"bn": 0.0}
+_reestimate = bn_mod.reestimate_bn
+def timed_reestimate(*a, **k):
+    t0 = time.perf_counter()
+    try:
+        return _reestimate(*a, **k)
+    finally:
+        t["bn"] += time.perf_counter() - t0
+bn_mod.reestimate_bn = timed_reestimate
+def start(tr): t.update(start=time.perf_counter(), bn=0.0)
+def batch_end(tr): t["last"] = time.perf_counter()
+def fit_epoch_end(tr):
+    loop.append(t["last"] - t["start"]); full.append(time.perf_counter() - t["start"]); bn.append(t["bn"])
 model = YOLO("yolov8n.yaml")
 model.add_callback("on_train_epoch_start", start)
 model.add_callback("on_train_batch_end", batch_end)
-model.add_callback("on_train_epoch_end", end)
+model.add_callback("on_fit_epoch_end", fit_epoch_end)
 trainer = QATDetectionTrainer if any(k.startswith("qat") for k in spec) else DetectionTrainer
 model.train(trainer=trainer, name=name, **base, **spec)
 rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-steady = times[2:] if len(times) > 3 else times[1:] or times  # epochs 1-2 may still run eager while Inductor compiles
-print("RESULT " + json.dumps({"name": name, "epochs": times, "epoch_s": statistics.median(steady),
-                              "rss_mb": rss_mb, "threads": torch.get_num_threads()}))
+steady = lambda xs: statistics.median(xs[2:] if len(xs) > 3 else xs[1:] or xs)  # epochs 1-2: warm-up and compiles
+print("RESULT " + json.dumps({"name": name, "loop": loop, "full": full, "bn": bn, "loop_s": steady(loop),
+                              "full_s": steady(full), "bn_s": steady(bn), "rss_mb": rss_mb,
+                              "process_s": time.perf_counter() - t_process, "threads": torch.get_num_threads()}))
 """
 
 
@@ -77,7 +94,9 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--epochs", type=int, default=6)
     p.add_argument("--images", type=int, default=128, help="training images (batches per epoch = images / batch)")
+    p.add_argument("--val-images", type=int, default=32, help="validation images")
     p.add_argument("--only", nargs="*", choices=list(CONFIGS), help="subset of configurations")
+    p.add_argument("--json", help="also write the measurements to this file")
     a = p.parse_args()
 
     from ultralytics_qat.utils import make_hermetic
@@ -86,9 +105,9 @@ def main() -> None:
     cfg_dir = str(make_hermetic(work / "cfg"))
     from ultralytics_qat.data import make_shapes_dataset
 
-    data = make_shapes_dataset(work / "shapes", n_train=a.images, n_val=8, imgsz=a.imgsz, seed=0)
+    data = make_shapes_dataset(work / "shapes", n_train=a.images, n_val=a.val_images, imgsz=a.imgsz, seed=0)
     base = dict(data=str(data), epochs=a.epochs, imgsz=a.imgsz, batch=a.batch, nbs=a.batch, workers=0, plots=False,
-                val=False, project=str(work / "runs"), exist_ok=True, seed=0, deterministic=False, device="cpu")
+                project=str(work / "runs"), exist_ok=True, seed=0, deterministic=False, device="cpu")
     names = a.only or list(CONFIGS)
     if "upstream-int8" in names:
         import importlib.util
@@ -102,15 +121,28 @@ def main() -> None:
         res = run(name, CONFIGS[name], base, cfg_dir)
         if res:
             results[name] = res
+    if a.json:
+        Path(a.json).write_text(json.dumps({"args": vars(a), "results": results}, indent=1))
+    print(table(results, a))
+
+
+def table(results: dict, a) -> str:
+    """The side-by-side table: loop and full epoch (s and x FP), BN re-estimation, peak RSS, process wall time."""
     fp = results.get("fp")
-    print(f"\nyolov8n, shapes {a.images} images, imgsz {a.imgsz}, batch {a.batch}, {a.epochs} epochs, CPU, "
-          f"torch threads in training: {next(iter(results.values()))['threads'] if results else '?'}")
-    print(f"{'config':<16}{'epoch s':>9}{'x FP':>7}{'peak RSS MB':>13}{'x FP':>7}   epochs (s)")
+
+    def ratio(r, key):
+        return f"{r[key] / fp[key]:.2f}x" if fp and fp[key] else "-"
+
+    threads = next(iter(results.values()))["threads"] if results else "?"
+    lines = [f"\nyolov8n, shapes {a.images}+{a.val_images} images, imgsz {a.imgsz}, batch {a.batch}, {a.epochs} epochs "
+             f"(median of epochs 3+), validation every epoch, CPU, {threads} torch threads",
+             f"{'config':<15}{'loop s':>8}{'x FP':>7}{'full epoch s':>14}{'x FP':>7}{'BN re-est s':>13}"
+             f"{'peak RSS MB':>13}{'x FP':>7}{'process s':>11}{'x FP':>7}"]
     for name, r in results.items():
-        tx = f"{r['epoch_s'] / fp['epoch_s']:.2f}" if fp else "-"
-        mx = f"{r['rss_mb'] / fp['rss_mb']:.2f}" if fp else "-"
-        eps = ", ".join(f"{t:.2f}" for t in r["epochs"])
-        print(f"{name:<16}{r['epoch_s']:>9.2f}{tx:>7}{r['rss_mb']:>13.0f}{mx:>7}   {eps}")
+        lines.append(f"{name:<15}{r['loop_s']:>8.2f}{ratio(r, 'loop_s'):>7}{r['full_s']:>14.2f}{ratio(r, 'full_s'):>7}"
+                     f"{r['bn_s']:>13.2f}{r['rss_mb']:>13.0f}{ratio(r, 'rss_mb'):>7}{r['process_s']:>11.1f}"
+                     f"{ratio(r, 'process_s'):>7}")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":
