@@ -4,7 +4,7 @@
     yolo-qat val model=runs/detect/train/weights/best.pt
     yolo-qat predict model=runs/detect/train/weights/best.pt source=path/to/images
     yolo-qat export model=runs/detect/train/weights/best.pt format=onnx
-    yolo-qat train                    # the bundled demo: yolov8n.yaml on coco8, default qat.yaml, offline
+    yolo-qat train                    # the demo: float vs PTQ vs W4A4 QAT vs ONNX on the shapes set, offline
 
 Ultralytics' ``yolo`` rejects unknown keys and has no plugin hook, so this is the plugin's ``yolo train`` rather than
 a patch of it. Errors print one line naming the problem and the fix, and exit with status 2.
@@ -19,7 +19,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 MODES = ("train", "val", "predict", "export")
-DEMO = {"model": "yolov8n.yaml", "epochs": 10, "imgsz": 160, "batch": 4, "nbs": 4, "workers": 0, "name": "qat-demo"}
+DEFAULT_MODEL = "yolov8n.yaml"  # train without model=: QAT from the yaml (a smoke run on the bundled coco8)
 HELP = f"""Usage: yolo-qat MODE [key=value ...] [qat=qat.yaml] [qat.<key>=value ...]
 
   MODE       one of {', '.join(MODES)}; 'yolo-qat train' alone runs the bundled offline demo
@@ -161,7 +161,7 @@ def _train_args(args: dict) -> tuple:
     _check_resume_arg(rest)
     if "data" not in rest and not rest.get("resume"):  # a resumed run keeps its own data: never the demo's, no download
         rest["data"] = str(bundled_coco8())
-    return qat, dotted, rest, rest.pop("model", DEMO["model"])
+    return qat, dotted, rest, rest.pop("model", DEFAULT_MODEL)
 
 
 def _check_resume_arg(args: dict) -> None:
@@ -382,8 +382,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         mode, args = parse_args(argv)
         if demo:
-            args = dict(DEMO)
-            print("yolo-qat: running the bundled demo (yolov8n.yaml on coco8, default qat.yaml, offline)")
+            from .demo import run_demo
+
+            print("yolo-qat: running the demo (float vs PTQ vs W4A4 QAT vs ONNX on the bundled shapes set, offline)")
+            run_demo()
+            return 0
         {"train": _train, "val": _val, "predict": _predict, "export": _export}[mode](args)
     except (CLIError, QATError, BackendUnavailableError) as e:
         print(f"yolo-qat: error: {e}", file=sys.stderr)
