@@ -34,6 +34,7 @@ from .. import checkpoint as ckpt_io
 from ..config import QATConfig
 from ..controller import QATController, unwrap
 from ..errors import QATCheckpointError, QATError
+from ..report import LayerStats
 from ..stabilize import TrainState
 from ..utils import LOGGER
 
@@ -102,6 +103,7 @@ class QATRun:
         self.columns: list | None = None  # qat/* keys of the first epoch: results.csv's header is written once
         self.post_qat: dict | None = None  # what the post-QAT stages did, saved in the final checkpoints
         self._aux: AuxBatches | None = None
+        self.layers = LayerStats()  # per-layer statistics per epoch: <run>/qat_layers.csv (rank 0)
 
     def __getstate__(self):  # DDP pickles the callbacks (and so this run) for its workers: no loader
         return {**self.__dict__, "_aux": None}
@@ -279,6 +281,8 @@ class QATRun:
             trainer.ema.ema.load_state_dict(unwrap(trainer.model).state_dict())
         self.configure_ema(trainer)
         self.qat.run("on_train_start", self.state(trainer))
+        if _main_process():
+            self.layers.start(trainer.save_dir, trainer.ema.ema, trainer.start_epoch)
 
     def on_train_epoch_start(self, trainer) -> None:
         self.batch, self.log = 0, {}
@@ -301,7 +305,9 @@ class QATRun:
         if warning:  # the forward clamps them to a tiny step: those channels output zeros
             LOGGER.warning(f"QAT: epoch {trainer.epoch + 1}: {warning}; the scales' lr is too high for them, lower "
                            "qat.optim.scale_lr_mult (Adam steps by about lr whatever the scale's size)")
+        self.layers.snapshot_bn(trainer.ema.ema)
         self.qat.epoch_end(self.state(trainer))
+        self.layers.record(trainer.ema.ema, trainer.epoch + 1)
         trainer.lr.update(self.csv_row())  # trainer.lr is saved to results.csv and logged to TensorBoard
 
     def csv_row(self) -> dict:
@@ -343,7 +349,9 @@ class QATRun:
         """Post-QAT stages on the EMA and their validation; True if the result should be best.pt."""
         before = trainer.best_fitness
         state = self.state(trainer, final=True)
+        self.layers.snapshot_bn(trainer.ema.ema)
         self.qat.finalize(state)
+        self.layers.record(trainer.ema.ema, trainer.epoch + 1, "post_qat")
         # the validator directly: trainer.validate() broadcasts EMA buffers, a collective only rank 0 would reach here
         metrics = trainer.validator(trainer) or {}
         fitness = metrics.pop("fitness", None)
@@ -447,6 +455,12 @@ def _epoch_of(line: str) -> float:
 
 def _ema_decay(decay: float, tau: float, updates: int) -> float:
     return decay * (1 - math.exp(-updates / tau))
+
+
+def _main_process() -> bool:
+    from ultralytics.utils import RANK
+
+    return RANK in {-1, 0}
 
 
 def _num(v) -> float | None:
