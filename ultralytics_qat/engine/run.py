@@ -39,7 +39,8 @@ from ..stabilize import TrainState
 from ..utils import LOGGER
 
 # Trainer methods the run takes over (both doors); each maps to a QATRun method of the same name without underscores.
-TRAINER_HOOKS = ("get_model", "get_validator", "build_optimizer", "save_model", "_load_checkpoint_state", "final_eval")
+TRAINER_HOOKS = ("get_model", "get_validator", "build_optimizer", "save_model", "_load_checkpoint_state", "final_eval",
+                 "plot_metrics")
 
 
 class AuxBatches:
@@ -267,6 +268,31 @@ class QATRun:
             trainer.epoch += 1  # log best metrics at step epochs+1, not overwriting last epoch
             trainer.run_callbacks("on_fit_epoch_end")
             trainer.epoch -= 1
+        if RANK in {-1, 0}:
+            self.write_report(trainer)
+
+    def write_report(self, trainer) -> None:
+        """The run report (qat_stats.db, plots, report.md); a failure costs one warning line, never the run."""
+        from ..report import write_report
+
+        try:
+            path = write_report(trainer.save_dir, self.post_qat, results_png=False)
+            LOGGER.info(f"QAT: run report {path}")
+        except Exception as e:  # noqa: BLE001  (the weights are saved; a report is not worth a failed run)
+            LOGGER.warning(f"QAT: run report not written ({type(e).__name__}: {e}); retry with 'yolo-qat report "
+                           f"{trainer.save_dir}'")
+
+    def plot_metrics(self, trainer, base=None) -> None:
+        """results.png with the QAT curves (qat/osc_frac, qat/frozen_frac) and no single-point panels."""
+        from ..report import plot_results_png, read_run
+
+        try:
+            files = plot_results_png(read_run(trainer.save_dir, self.post_qat), trainer.save_dir)
+        except Exception as e:  # noqa: BLE001
+            LOGGER.warning(f"QAT: results.png not drawn ({type(e).__name__}: {e})")
+            return
+        for f in files:
+            trainer.on_plot(f)
 
     # -- events ------------------------------------------------------------------------------------------------------
     def on_pretrain_routine_start(self, trainer) -> None:
@@ -361,7 +387,8 @@ class QATRun:
         better = before is None or fitness is None or fitness >= before
         self.post_qat = {"epoch": trainer.epoch, "fitness": _num(fitness), "best_fitness_before": _num(before),
                          "in_best": bool(better), **{k: _num(v) for k, v in state.log.items()
-                                                     if k.startswith(("qat/qc", "qat/afw"))}}
+                                                     if k.startswith(("qat/qc", "qat/afw"))},
+                         "metrics": {k: _num(v) for k, v in metrics.items()}}
         if better:
             LOGGER.info(f"QAT: post-QAT model fitness {_fmt(fitness)} (best epoch before: {_fmt(before)}); it is "
                         "best.pt and last.pt")
