@@ -174,9 +174,11 @@ class QATRun:
         model = base(cfg=cfg, weights=None, verbose=verbose)
         self.qat.prepare(model, verbose=verbose and RANK in {-1, 0})
         if weights is not None:
-            model.load(weights)
+            model.load(weights, verbose=False)  # its count would include the quantizers a float model cannot fill
             if qat_weights:
                 ckpt_io.restore_exact(model, weights)
+            if verbose and RANK in {-1, 0}:
+                LOGGER.info(_transfer_line(model, weights, qat_weights))
         return model
 
     def _adopt_checkpoint_config(self, weights, resume: bool) -> None:
@@ -271,6 +273,20 @@ class QATRun:
         if RANK in {-1, 0}:
             self.write_report(trainer)
 
+    def save_run_config(self, save_dir) -> None:
+        """The resolved qat config beside args.yaml (qat.yaml), and in args.yaml under ``qat:`` (the run's own record;
+        ``yolo-qat train cfg=<run>/args.yaml`` reads it back)."""
+        import yaml
+        from ultralytics.utils import YAML
+
+        config = self.qat.config.to_dict()
+        (save_dir / "qat.yaml").write_text("# resolved qat config of this run (ultralytics-qat)\n" +
+                                           yaml.safe_dump(config, sort_keys=False))
+        args_file = save_dir / "args.yaml"
+        args = YAML.load(args_file) if args_file.is_file() else None
+        if isinstance(args, dict) and args.get("qat") != config:
+            YAML.save(args_file, {**args, "qat": config})
+
     def write_report(self, trainer) -> None:
         """The run report (qat_stats.db, plots, report.md); a failure costs one warning line, never the run."""
         from ..report import write_report
@@ -309,6 +325,7 @@ class QATRun:
         self.qat.run("on_train_start", self.state(trainer))
         if _main_process():
             self.layers.start(trainer.save_dir, trainer.ema.ema, trainer.start_epoch)
+            self.save_run_config(trainer.save_dir)
 
     def on_train_epoch_start(self, trainer) -> None:
         self.batch, self.log = 0, {}
@@ -482,6 +499,20 @@ def _epoch_of(line: str) -> float:
 
 def _ema_decay(decay: float, tau: float, updates: int) -> float:
     return decay * (1 - math.exp(-updates / tau))
+
+
+def _transfer_line(model, weights, qat_weights: bool) -> str:
+    """What ``model.load`` transferred, float weights and QAT state counted apart."""
+    src = (weights.get("ema") or weights["model"]) if isinstance(weights, dict) else weights
+    csd, dst = src.state_dict(), model.state_dict()
+    quant = [k for k in dst if "fake_quant." in k]
+    plain = [k for k in dst if "fake_quant." not in k]
+    n = sum(k in csd and csd[k].shape == dst[k].shape for k in plain)
+    line = f"Transferred {n}/{len(plain)} items from pretrained weights"
+    if qat_weights:
+        nq = sum(k in csd and csd[k].shape == dst[k].shape for k in quant)
+        return f"{line} and {nq}/{len(quant)} QAT items (quantizers, trackers)"
+    return f"{line}; the {len(quant)} QAT items (quantizers, trackers) start from calibration"
 
 
 def _main_process() -> bool:
