@@ -5,6 +5,7 @@
     yolo-qat predict model=runs/detect/train/weights/best.pt source=path/to/images
     yolo-qat export model=runs/detect/train/weights/best.pt format=onnx
     yolo-qat train                    # the demo: float vs PTQ vs W4A4 QAT vs ONNX on the shapes set, offline
+    yolo-qat report runs/detect/train # rebuild a run's report: qat_stats.db, plots, report.md
 
 Ultralytics' ``yolo`` rejects unknown keys and has no plugin hook, so this is the plugin's ``yolo train`` rather than
 a patch of it. Errors print one line naming the problem and the fix, and exit with status 2.
@@ -27,7 +28,7 @@ HELP = f"""Usage: yolo-qat MODE [key=value ...] [qat=qat.yaml] [qat.<key>=value 
   qat=...    a qat.yaml path or a bundled recipe name (default: the bundled qat.yaml)
   qat.k=v    a dotted override of one qat.yaml key, e.g. qat.weight.bits=3 qat.activation.bits=null
 
-Other commands: yolo-qat help | version
+Other commands: yolo-qat report RUN_DIR (qat_stats.db, plots and report.md of a run) | help | version
 Docs: README.md of ultralytics-qat; Ultralytics arguments: https://docs.ultralytics.com/usage/cfg/"""
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
@@ -161,7 +162,17 @@ def _train_args(args: dict) -> tuple:
     _check_resume_arg(rest)
     if "data" not in rest and not rest.get("resume"):  # a resumed run keeps its own data: never the demo's, no download
         rest["data"] = str(bundled_coco8())
+    _bundled_by_name(rest)
     return qat, dotted, rest, rest.pop("model", DEFAULT_MODEL)
+
+
+def _bundled_by_name(args: dict) -> None:
+    """``data=coco8.yaml`` (no such local file) is the bundled copy: the same images, found offline, no download."""
+    data = args.get("data")
+    if isinstance(data, str) and data in {"coco8.yaml", "coco8"} and not Path(data).is_file():
+        from .data import bundled_coco8
+
+        args["data"] = str(bundled_coco8())
 
 
 def _check_resume_arg(args: dict) -> None:
@@ -323,6 +334,7 @@ def _val(args: dict) -> None:
     if "model" not in args:
         raise CLIError("val needs model=path/to/best.pt (a yolo-qat checkpoint)")
     _check_ultralytics_args(args)
+    _bundled_by_name(args)
     if str(args["model"]).endswith(".onnx"):  # a yolo-qat export: plain Ultralytics runs it
         from ultralytics import YOLO
 
@@ -361,6 +373,16 @@ def _export(args: dict) -> None:
     print(f"\nQAT ONNX:  {f}\nValidate:  yolo-qat val model={f} data=...")
 
 
+def _report(rest: list[str]) -> None:
+    """``yolo-qat report RUN_DIR``: write a training run's report from its folder alone."""
+    if len(rest) != 1 or "=" in rest[0]:
+        raise CLIError("report takes one run folder: 'yolo-qat report runs/detect/train'")
+    from .report import write_report
+
+    path = write_report(rest[0])
+    print(f"QAT report: {path}\nDatabase:   {path.parent / 'qat_stats.db'}\nPlots:      {path.parent / 'qat_report'}")
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``yolo-qat`` and ``python -m ultralytics_qat``; returns the exit status."""
     argv = sys.argv[1:] if argv is None else list(argv)
@@ -380,6 +402,9 @@ def main(argv: list[str] | None = None) -> int:
     from .errors import BackendUnavailableError, QATError
 
     try:
+        if argv[0] == "report":
+            _report(argv[1:])
+            return 0
         mode, args = parse_args(argv)
         if demo:
             from .demo import run_demo

@@ -34,11 +34,13 @@ from .. import checkpoint as ckpt_io
 from ..config import QATConfig
 from ..controller import QATController, unwrap
 from ..errors import QATCheckpointError, QATError
+from ..report import LayerStats
 from ..stabilize import TrainState
 from ..utils import LOGGER
 
 # Trainer methods the run takes over (both doors); each maps to a QATRun method of the same name without underscores.
-TRAINER_HOOKS = ("get_model", "get_validator", "build_optimizer", "save_model", "_load_checkpoint_state", "final_eval")
+TRAINER_HOOKS = ("get_model", "get_validator", "build_optimizer", "save_model", "_load_checkpoint_state", "final_eval",
+                 "plot_metrics")
 
 
 class AuxBatches:
@@ -102,6 +104,7 @@ class QATRun:
         self.columns: list | None = None  # qat/* keys of the first epoch: results.csv's header is written once
         self.post_qat: dict | None = None  # what the post-QAT stages did, saved in the final checkpoints
         self._aux: AuxBatches | None = None
+        self.layers = LayerStats()  # per-layer statistics per epoch: <run>/qat_layers.csv (rank 0)
 
     def __getstate__(self):  # DDP pickles the callbacks (and so this run) for its workers: no loader
         return {**self.__dict__, "_aux": None}
@@ -171,9 +174,11 @@ class QATRun:
         model = base(cfg=cfg, weights=None, verbose=verbose)
         self.qat.prepare(model, verbose=verbose and RANK in {-1, 0})
         if weights is not None:
-            model.load(weights)
+            model.load(weights, verbose=False)  # its count would include the quantizers a float model cannot fill
             if qat_weights:
                 ckpt_io.restore_exact(model, weights)
+            if verbose and RANK in {-1, 0}:
+                LOGGER.info(_transfer_line(model, weights, qat_weights))
         return model
 
     def _adopt_checkpoint_config(self, weights, resume: bool) -> None:
@@ -265,6 +270,45 @@ class QATRun:
             trainer.epoch += 1  # log best metrics at step epochs+1, not overwriting last epoch
             trainer.run_callbacks("on_fit_epoch_end")
             trainer.epoch -= 1
+        if RANK in {-1, 0}:
+            self.write_report(trainer)
+
+    def save_run_config(self, save_dir) -> None:
+        """The resolved qat config beside args.yaml (qat.yaml), and in args.yaml under ``qat:`` (the run's own record;
+        ``yolo-qat train cfg=<run>/args.yaml`` reads it back)."""
+        import yaml
+        from ultralytics.utils import YAML
+
+        config = self.qat.config.to_dict()
+        (save_dir / "qat.yaml").write_text("# resolved qat config of this run (ultralytics-qat)\n" +
+                                           yaml.safe_dump(config, sort_keys=False))
+        args_file = save_dir / "args.yaml"
+        args = YAML.load(args_file) if args_file.is_file() else None
+        if isinstance(args, dict) and args.get("qat") != config:
+            YAML.save(args_file, {**args, "qat": config})
+
+    def write_report(self, trainer) -> None:
+        """The run report (qat_stats.db, plots, report.md); a failure costs one warning line, never the run."""
+        from ..report import write_report
+
+        try:
+            path = write_report(trainer.save_dir, self.post_qat, results_png=False)
+            LOGGER.info(f"QAT: run report {path}")
+        except Exception as e:  # noqa: BLE001  (the weights are saved; a report is not worth a failed run)
+            LOGGER.warning(f"QAT: run report not written ({type(e).__name__}: {e}); retry with 'yolo-qat report "
+                           f"{trainer.save_dir}'")
+
+    def plot_metrics(self, trainer, base=None) -> None:
+        """results.png with the QAT curves (qat/osc_frac, qat/frozen_frac) and no single-point panels."""
+        from ..report import plot_results_png, read_run
+
+        try:
+            files = plot_results_png(read_run(trainer.save_dir, self.post_qat), trainer.save_dir)
+        except Exception as e:  # noqa: BLE001
+            LOGGER.warning(f"QAT: results.png not drawn ({type(e).__name__}: {e})")
+            return
+        for f in files:
+            trainer.on_plot(f)
 
     # -- events ------------------------------------------------------------------------------------------------------
     def on_pretrain_routine_start(self, trainer) -> None:
@@ -279,6 +323,9 @@ class QATRun:
             trainer.ema.ema.load_state_dict(unwrap(trainer.model).state_dict())
         self.configure_ema(trainer)
         self.qat.run("on_train_start", self.state(trainer))
+        if _main_process():
+            self.layers.start(trainer.save_dir, trainer.ema.ema, trainer.start_epoch)
+            self.save_run_config(trainer.save_dir)
 
     def on_train_epoch_start(self, trainer) -> None:
         self.batch, self.log = 0, {}
@@ -301,7 +348,9 @@ class QATRun:
         if warning:  # the forward clamps them to a tiny step: those channels output zeros
             LOGGER.warning(f"QAT: epoch {trainer.epoch + 1}: {warning}; the scales' lr is too high for them, lower "
                            "qat.optim.scale_lr_mult (Adam steps by about lr whatever the scale's size)")
+        self.layers.snapshot_bn(trainer.ema.ema)
         self.qat.epoch_end(self.state(trainer))
+        self.layers.record(trainer.ema.ema, trainer.epoch + 1)
         trainer.lr.update(self.csv_row())  # trainer.lr is saved to results.csv and logged to TensorBoard
 
     def csv_row(self) -> dict:
@@ -343,7 +392,9 @@ class QATRun:
         """Post-QAT stages on the EMA and their validation; True if the result should be best.pt."""
         before = trainer.best_fitness
         state = self.state(trainer, final=True)
+        self.layers.snapshot_bn(trainer.ema.ema)
         self.qat.finalize(state)
+        self.layers.record(trainer.ema.ema, trainer.epoch + 1, "post_qat")
         # the validator directly: trainer.validate() broadcasts EMA buffers, a collective only rank 0 would reach here
         metrics = trainer.validator(trainer) or {}
         fitness = metrics.pop("fitness", None)
@@ -353,7 +404,8 @@ class QATRun:
         better = before is None or fitness is None or fitness >= before
         self.post_qat = {"epoch": trainer.epoch, "fitness": _num(fitness), "best_fitness_before": _num(before),
                          "in_best": bool(better), **{k: _num(v) for k, v in state.log.items()
-                                                     if k.startswith(("qat/qc", "qat/afw"))}}
+                                                     if k.startswith(("qat/qc", "qat/afw"))},
+                         "metrics": {k: _num(v) for k, v in metrics.items()}}
         if better:
             LOGGER.info(f"QAT: post-QAT model fitness {_fmt(fitness)} (best epoch before: {_fmt(before)}); it is "
                         "best.pt and last.pt")
@@ -447,6 +499,26 @@ def _epoch_of(line: str) -> float:
 
 def _ema_decay(decay: float, tau: float, updates: int) -> float:
     return decay * (1 - math.exp(-updates / tau))
+
+
+def _transfer_line(model, weights, qat_weights: bool) -> str:
+    """What ``model.load`` transferred, float weights and QAT state counted apart."""
+    src = (weights.get("ema") or weights["model"]) if isinstance(weights, dict) else weights
+    csd, dst = src.state_dict(), model.state_dict()
+    quant = [k for k in dst if "fake_quant." in k]
+    plain = [k for k in dst if "fake_quant." not in k]
+    n = sum(k in csd and csd[k].shape == dst[k].shape for k in plain)
+    line = f"Transferred {n}/{len(plain)} items from pretrained weights"
+    if qat_weights:
+        nq = sum(k in csd and csd[k].shape == dst[k].shape for k in quant)
+        return f"{line} and {nq}/{len(quant)} QAT items (quantizers, trackers)"
+    return f"{line}; the {len(quant)} QAT items (quantizers, trackers) start from calibration"
+
+
+def _main_process() -> bool:
+    from ultralytics.utils import RANK
+
+    return RANK in {-1, 0}
 
 
 def _num(v) -> float | None:

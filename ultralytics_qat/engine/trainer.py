@@ -73,6 +73,9 @@ class QATDetectionTrainer(DetectionTrainer):
     def final_eval(self):
         return self.qat_run.final_eval(self)
 
+    def plot_metrics(self):
+        return self.qat_run.plot_metrics(self)
+
     # -- DDP ---------------------------------------------------------------------------------------------------------
     def train(self):
         """Train; for a DDP launch the qat config rides in the pickled args to the workers."""
