@@ -164,6 +164,21 @@ class AFWConfig:
 
 
 @dataclass
+class CollapseConfig:
+    """The collapse guard: peak-then-drop of validation fitness detected, logged to qat_events.jsonl, acted on."""
+
+    enabled: bool = option(True, bool, "watch validation fitness for a collapse (README 'Collapse guard')")
+    drop: float = option(0.1, float, "a validation counts as a drop when fitness < (1 - drop) * best fitness so far", low=0.01, high=0.99)
+    patience: int = option(2, int, "consecutive dropped validations that make a collapse", low=1)
+    min_epochs: int = option(2, int, "first epoch (1-based) whose validation may count as a drop; earlier ones only set the best", low=1)
+    action: str = option(
+        "restore", str, "warn: log only; restore: best EMA state back, BN re-estimated, lr x lr_factor; freeze: best "
+        "EMA state back, then all quantized weights' integer codes frozen", ("warn", "restore", "freeze"),
+    )
+    lr_factor: float = option(0.1, float, "restore multiplies every learning rate (and its schedule) by this", low=1e-4, high=1.0)
+
+
+@dataclass
 class QATConfig:
     """Complete QAT recipe. Build with :meth:`load` (yaml + overrides) or :meth:`from_dict`."""
 
@@ -186,6 +201,7 @@ class QATConfig:
     scalegrad: ScaleGradConfig = field(default_factory=ScaleGradConfig)
     qc: QCConfig = field(default_factory=QCConfig)
     afw: AFWConfig = field(default_factory=AFWConfig)
+    collapse: CollapseConfig = field(default_factory=CollapseConfig)
 
     # ----------------------------------------------------------------------------------------------------------------
     @classmethod
@@ -398,6 +414,7 @@ _SECTION_OFF = {
     "scalegrad": "qat.scalegrad.delta=0 and qat.scalegrad.k=0",
     "qc": "qat.qc.enabled=false",
     "afw": "qat.afw.enabled=false",
+    "collapse": "qat.collapse.enabled=false",
 }
 
 

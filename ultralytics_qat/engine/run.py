@@ -20,6 +20,7 @@ with their own random streams: the training iterator and its augmentation random
 
 from __future__ import annotations
 
+import json
 import math
 import random
 from contextlib import contextmanager
@@ -102,6 +103,7 @@ class QATRun:
         self.columns: list | None = None  # qat/* keys of the first epoch: results.csv's header is written once
         self.post_qat: dict | None = None  # what the post-QAT stages did, saved in the final checkpoints
         self._aux: AuxBatches | None = None
+        self._finalizing = False  # final_eval's validations are not epochs the collapse guard watches
 
     def __getstate__(self):  # DDP pickles the callbacks (and so this run) for its workers: no loader
         return {**self.__dict__, "_aux": None}
@@ -115,7 +117,8 @@ class QATRun:
         """
         for fns in owner.callbacks.values():
             fns[:] = [f for f in fns if not isinstance(getattr(f, "__self__", None), QATRun)]
-        events = ["on_pretrain_routine_end", "on_train_epoch_start", "on_train_batch_start", "on_train_batch_end"]
+        events = ["on_pretrain_routine_end", "on_train_epoch_start", "on_train_batch_start", "on_train_batch_end",
+                  "on_fit_epoch_end"]
         if self.dropin:
             events.insert(0, "on_pretrain_routine_start")
         for event in events:
@@ -226,12 +229,14 @@ class QATRun:
         base(ckpt)
         ckpt_io.restore(trainer.model, entry)
         ckpt_io.restore(trainer.ema.ema, entry)
+        self.qat.load_stabilizer_states(entry.get("stabilizers", {}))
         self.configure_ema(trainer)  # Ultralytics rebuilt the EMA with its own decay
         _drop_rows_after(trainer.csv, ckpt.get("epoch", -1) + 1)
 
     def save_model(self, trainer, base=None) -> bool:
         """Write last.pt (resumable), best.pt (compact) and period checkpoints, each atomically."""
         self._resync_nonfinite_ema(trainer)
+        self.watch_collapse(trainer)  # before writing: last.pt holds what the guard did and its state
         ema = trainer.ema.ema
         config = self.qat.config.to_dict()
         trainer.wdir.mkdir(parents=True, exist_ok=True)
@@ -248,6 +253,7 @@ class QATRun:
         from ultralytics.utils import LOCAL_RANK, RANK
         from ultralytics.utils.torch_utils import torch_distributed_zero_first
 
+        self._finalizing = True
         with torch_distributed_zero_first(LOCAL_RANK):
             if RANK in {-1, 0} and trainer.ema is not None and trainer.last.exists():
                 post_is_best = self._finalize(trainer) if self.qat.has_post_qat else None
@@ -278,6 +284,10 @@ class QATRun:
             self.qat.calibrate(trainer.model, self.state(trainer).images())
             trainer.ema.ema.load_state_dict(unwrap(trainer.model).state_dict())
         self.configure_ema(trainer)
+        guard = self.qat.collapse_guard
+        if guard is not None:
+            guard.can_act = trainer.world_size <= 1
+            guard.load_best = partial(self._best_state, trainer)
         self.qat.run("on_train_start", self.state(trainer))
 
     def on_train_epoch_start(self, trainer) -> None:
@@ -304,6 +314,26 @@ class QATRun:
         self.qat.epoch_end(self.state(trainer))
         trainer.lr.update(self.csv_row())  # trainer.lr is saved to results.csv and logged to TensorBoard
 
+    def on_fit_epoch_end(self, trainer) -> None:
+        self.watch_collapse(trainer)  # save=False: save_model did not run this epoch
+
+    def watch_collapse(self, trainer) -> None:
+        """Give the epoch's validation fitness to the collapse guard (once per epoch); record what it fired."""
+        guard = self.qat.collapse_guard
+        if guard is None or self._finalizing or trainer.ema is None:
+            return
+        event = guard.observe(self.state(trainer), trainer.fitness)
+        if event is not None:
+            with open(trainer.save_dir / "qat_events.jsonl", "a", encoding="utf-8") as f:
+                f.write(json.dumps(event) + "\n")
+
+    def _best_state(self, trainer) -> dict | None:
+        """The exact QAT state of best.pt (the guard's fallback when its in-memory copy is gone, e.g. after resume)."""
+        if not trainer.best.exists():
+            return None
+        model, _ = ckpt_io.load_qat_model(trainer.best)
+        return {k: v.detach().float() if v.is_floating_point() else v for k, v in model.state_dict().items()}
+
     def csv_row(self) -> dict:
         """This epoch's qat/* scalars with the first epoch's keys, in its order (NaN where a value is missing).
 
@@ -323,7 +353,7 @@ class QATRun:
         return TrainState(
             model=unwrap(trainer.model), ema=trainer.ema.ema if trainer.ema else None, optimizer=trainer.optimizer,
             epoch=epoch, epochs=trainer.epochs, batch=self.batch, batches_per_epoch=len(aux), batches=aux,
-            log=self.log, base_lrs=base, final=final,
+            log=self.log, base_lrs=base, final=final, scheduler=getattr(trainer, "scheduler", None),
         )
 
     def aux_batches(self, trainer) -> AuxBatches:
@@ -370,6 +400,8 @@ class QATRun:
 
         if self.post_qat is not None:
             entry = {**entry, "post_qat": self.post_qat}
+        if resumable:
+            entry = {**entry, "stabilizers": self.qat.stabilizer_states()}
         out = {
             "epoch": trainer.epoch,
             "best_fitness": trainer.best_fitness,
