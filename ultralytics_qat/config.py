@@ -164,6 +164,19 @@ class AFWConfig:
 
 
 @dataclass
+class FinetuneConfig:
+    """Ultralytics training arguments QAT chooses when it starts from a trained float checkpoint (not a yaml, a QAT
+    checkpoint or a resume), unless the user set them; null = Ultralytics' own choice. BENCHMARKS.md measured them."""
+
+    optimizer: str | None = option("AdamW", str, "optimizer (Ultralytics' auto picks one and an lr for training from scratch)", nullable=True)
+    lr0: float | None = option(1e-4, float, "initial learning rate (an Adam step moves a weight by about lr)", low=0.0, nullable=True)
+    warmup_epochs: float | None = option(1.0, float, "linear lr warm-up epochs", low=0.0, nullable=True)
+    warmup_bias_lr: float | None = option(0.0, float, "bias lr at the warm-up start (Ultralytics 0.1: a spike on a trained model)", low=0.0, nullable=True)
+    mosaic: float | None = option(0.0, float, "mosaic augmentation probability", low=0.0, high=1.0, nullable=True)
+    close_mosaic: int | None = option(0, int, "epochs at the end without mosaic", low=0, nullable=True)
+
+
+@dataclass
 class CollapseConfig:
     """The collapse guard: peak-then-drop of validation fitness detected, logged to qat_events.jsonl, acted on."""
 
@@ -201,6 +214,7 @@ class QATConfig:
     scalegrad: ScaleGradConfig = field(default_factory=ScaleGradConfig)
     qc: QCConfig = field(default_factory=QCConfig)
     afw: AFWConfig = field(default_factory=AFWConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     collapse: CollapseConfig = field(default_factory=CollapseConfig)
 
     # ----------------------------------------------------------------------------------------------------------------
@@ -415,6 +429,7 @@ _SECTION_OFF = {
     "qc": "qat.qc.enabled=false",
     "afw": "qat.afw.enabled=false",
     "collapse": "qat.collapse.enabled=false",
+    "finetune": "null for each key, e.g. qat.finetune.lr0=null",
 }
 
 

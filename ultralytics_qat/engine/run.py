@@ -134,8 +134,10 @@ class QATRun:
             return
         if trainer.ddp or trainer.world_size > 1:
             raise QATError("add_qat_callbacks does not support DDP; use trainer=QATDetectionTrainer for multi-GPU QAT")
-        args = vars(trainer.args)
-        if self.apply_arg_policy(args):
+        from ultralytics.utils import DEFAULT_CFG_DICT
+
+        args = vars(trainer.args)  # merged already: a value other than Ultralytics' default is the user's
+        if self.apply_arg_policy(args, {k for k, v in args.items() if v != DEFAULT_CFG_DICT.get(k, v)}):
             from ultralytics.utils import YAML
 
             YAML.save(trainer.save_dir / "args.yaml", args)  # args.yaml was written before this event
@@ -144,14 +146,31 @@ class QATRun:
             setattr(trainer, name, partial(getattr(self, name.strip("_")), trainer, getattr(trainer, name)))
         self.bound = True
 
-    def apply_arg_policy(self, args: dict) -> bool:
-        """Ultralytics args QAT changes (AMP off unless ``qat.amp``); returns True if ``args`` changed."""
+    def apply_arg_policy(self, args: dict, user: set | None = None) -> bool:
+        """Ultralytics args QAT changes: AMP off unless ``qat.amp``; ``qat.finetune`` values for a float start unless
+        the user set them (``user``: the keys the user gave; None = every key in ``args``). True if ``args`` changed."""
+        changed = self._finetune_defaults(args, set(args) if user is None else user)
         if self.qat.config.amp or args.get("amp") is False:
-            return False
+            return changed
         if args.get("amp") is not None:
             LOGGER.info("QAT: AMP switched off (fake quantization needs fp32; set qat.amp=true to keep it)")
         args["amp"] = False
         return True
+
+    def _finetune_defaults(self, args: dict, user: set) -> bool:
+        """QAT fine-tune hyperparameters (``qat.finetune``) for a start from a trained float checkpoint, in one line."""
+        ft = {k: v for k, v in vars(self.qat.config.finetune).items() if v is not None}
+        if not ft or not _float_start(args):
+            return False
+        chosen = {k: v for k, v in ft.items() if k not in user}
+        kept = [f"{k}={args[k]}" for k in ft if k in user]
+        args.update(chosen)
+        if chosen:
+            LOGGER.info(f"QAT: fine-tuning a float checkpoint with {' '.join(f'{k}={v}' for k, v in chosen.items())} "
+                        f"(qat.finetune; Ultralytics' defaults are for training from scratch, see BENCHMARKS.md)"
+                        f"{'; yours kept: ' + ' '.join(kept) if kept else ''}; qat.finetune.<key>=null keeps "
+                        "Ultralytics' choice")
+        return bool(chosen)
 
     def check_resume(self, trainer) -> None:
         """Refuse, in one line and before any data is loaded, to resume a finished run or a deploy checkpoint."""
@@ -456,6 +475,27 @@ class QATRun:
             for k, v in ema.state_dict().items():
                 if v.is_floating_point() and not torch.isfinite(v).all() and torch.isfinite(model_sd[k]).all():
                     v.copy_(model_sd[k])
+
+
+def _float_start(args: dict) -> bool:
+    """True when training starts from float weights: a ``.pt`` model (or ``pretrained=``) that is not a QAT
+    checkpoint, and not a resume. A file not on disk yet is an Ultralytics download, i.e. a float model."""
+    from pathlib import Path
+
+    if args.get("resume"):
+        return False
+    src = args.get("model")
+    if not (isinstance(src, (str, Path)) and str(src).endswith(".pt")):
+        src = args.get("pretrained")
+        if not (isinstance(src, (str, Path)) and str(src).endswith(".pt")):
+            return False
+    if not Path(src).is_file():
+        return True
+    try:
+        ckpt = torch.load(src, map_location="cpu", weights_only=False)
+    except Exception:  # Ultralytics reports an unreadable model file itself, in its own words
+        return False
+    return not (isinstance(ckpt, dict) and isinstance(ckpt.get(ckpt_io.CKPT_KEY), dict))
 
 
 def _drop_rows_after(csv_path, epochs_done: int) -> None:
