@@ -4,13 +4,18 @@ On the synthetic shapes dataset, on CPU:
 1. train a float yolov8n from its yaml (the FP reference);
 2. fine-tune it with each recipe in ``ultralytics_qat/cfg/recipes`` at W4A4 and W3A3 (AdamW, low LR, no mosaic);
 3. PTQ: calibrate the scales and validate, no training;
-4. scratch W4A16 QAT from the yaml with Ultralytics' default hyperparameters (the seed's failing setting).
-It prints one table: final and best mAP50-95, percent of FP retained (final), epoch of the best, a collapse flag
-(final below 90% of best), the fraction of oscillating weights at the end, and wall time.
+4. scratch W4A16 QAT from the yaml with Ultralytics' default hyperparameters (the seed's failing setting);
+5. the fair control "fp+ft": the float model fine-tuned (plain Ultralytics) for the same epochs with the same arguments
+   as the QAT fine-tunes, so extra epochs alone do not count as QAT keeping accuracy.
+It prints one table: final and best mAP50-95, final as % of the fair control (fp+ft, final) and as % of the start FP
+model (its best epoch, the only reference of BENCHMARKS.md's older tables), epoch of the best, a collapse flag (final
+below 90% of best), the fraction of oscillating weights at the end, and wall time. The fine-tune arguments are the
+plugin's ``qat.finetune`` defaults, passed explicitly so that the float control gets the very same ones.
 
     python scripts/bench_recipes.py --quick            # < 10 min on 2 cores
     python scripts/bench_recipes.py                    # the full run (BENCHMARKS.md)
     python scripts/bench_recipes.py --seeds 0 1 2      # seed spread
+    python scripts/bench_recipes.py --smoke --recipes lsq stable --bits 4   # does the script run (~3 min)
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ ROOT = Path(__file__).resolve().parents[1]
 MAP = "metrics/mAP50-95(B)"
 
 PROFILES = {
+    "smoke": dict(n_train=32, n_val=16, imgsz=64, fp_epochs=3, qat_epochs=2, scratch_epochs=2, batch=16),
     "quick": dict(n_train=128, n_val=32, imgsz=128, fp_epochs=60, qat_epochs=5, scratch_epochs=30, batch=16),
     "full": dict(n_train=256, n_val=64, imgsz=160, fp_epochs=100, qat_epochs=15, scratch_epochs=60, batch=16),
 }
@@ -39,7 +45,7 @@ def results(save_dir: Path) -> list[dict]:
         return [{k.strip(): float(v) for k, v in row.items() if v not in ("", None)} for row in csv.DictReader(f)]
 
 
-def summarize(name: str, save_dir: Path, fp_map: float | None, wall: float) -> dict:
+def summarize(name: str, save_dir: Path, fp_map: float | None, wall: float, control: float | None = None) -> dict:
     rows = results(save_dir)
     maps = [r.get(MAP, 0.0) for r in rows]
     best = max(maps)
@@ -49,6 +55,7 @@ def summarize(name: str, save_dir: Path, fp_map: float | None, wall: float) -> d
         "final": final,
         "best": best,
         "retained": 100 * final / fp_map if fp_map else None,
+        "fair": 100 * final / control if control else None,
         "best_epoch": maps.index(best) + 1,
         "epochs": len(maps),
         "collapse": final < 0.9 * best,
@@ -101,15 +108,22 @@ def run_seed(seed: int, prof: dict, work: Path, recipes: list[str], bits_list: l
     fp["retained"] = 100.0
     out.append(fp)
     fp_weights = fp_dir / "weights" / "best.pt"
-    finetune = dict(optimizer="AdamW", lr0=2e-4, warmup_epochs=0, mosaic=0.0, close_mosaic=0, **common)
+    finetune = {**finetune_args(), **common}
+    d, wall = train(f"fp-ft-s{seed}", work, DetectionTrainer, model=str(fp_weights), epochs=prof["qat_epochs"],
+                    **finetune)
+    ctrl = summarize("fp+ft (fair control)", d, fp_map, wall)
+    control = ctrl["final"]
+    ctrl["fair"] = 100.0
+    out.append(ctrl)
     for bits in bits_list:
-        out.append({**ptq(fp_weights, data, bits, prof, work), "retained": None})
+        out.append(ptq(fp_weights, data, bits, prof, work))
         out[-1]["retained"] = 100 * out[-1]["final"] / fp_map if fp_map else None
+        out[-1]["fair"] = 100 * out[-1]["final"] / control if control else None
         for recipe in recipes:
             d, wall = train(f"{recipe}-w{bits}-s{seed}", work, QATDetectionTrainer, model=str(fp_weights),
                             epochs=prof["qat_epochs"], qat=recipe, **finetune,
                             **{"qat.weight.bits": bits, "qat.activation.bits": bits})
-            out.append(summarize(f"{recipe} w{bits}a{bits}", d, fp_map, wall))
+            out.append(summarize(f"{recipe} w{bits}a{bits}", d, fp_map, wall, control))
     d, wall = train(f"scratch-w4a16-s{seed}", work, QATDetectionTrainer, model="yolov8n.yaml",
                     epochs=prof["scratch_epochs"], qat="lsq", **common,
                     **{"qat.weight.bits": 4, "qat.activation.bits": None})
@@ -117,10 +131,17 @@ def run_seed(seed: int, prof: dict, work: Path, recipes: list[str], bits_list: l
     return out
 
 
+def finetune_args() -> dict:
+    """The plugin's QAT fine-tune defaults (``qat.finetune`` of the default recipe), as explicit training arguments."""
+    from ultralytics_qat.config import QATConfig
+
+    return {k: v for k, v in vars(QATConfig.load().finetune).items() if v is not None}
+
+
 def table(rows_by_seed: dict[int, list[dict]]) -> str:
     seeds = sorted(rows_by_seed)
-    lines = ["| run | final mAP50-95 | best | % of FP (final) | best epoch | collapse | osc. frac | wall s |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = ["| run | final mAP50-95 | best | % of fp+ft (fair) | % of start FP | best epoch | collapse | osc. frac | "
+             "wall s |", "|---|---|---|---|---|---|---|---|---|"]
     for i, r in enumerate(rows_by_seed[seeds[0]]):
         runs = [rows_by_seed[s][i] for s in seeds]
         def fmt(key, scale=1.0, nd=3):
@@ -130,7 +151,7 @@ def table(rows_by_seed: dict[int, list[dict]]) -> str:
             m = statistics.mean(vals) * scale
             return f"{m:.{nd}f}" + (f" ± {statistics.stdev(vals) * scale:.{nd}f}" if len(vals) > 1 else "")
         collapse = sum(x["collapse"] for x in runs)
-        lines.append(f"| {r['run']} | {fmt('final')} | {fmt('best')} | {fmt('retained', nd=1)} | "
+        lines.append(f"| {r['run']} | {fmt('final')} | {fmt('best')} | {fmt('fair', nd=1)} | {fmt('retained', nd=1)} | "
                      f"{'/'.join(str(x['best_epoch']) for x in runs)} of {r['epochs']} | "
                      f"{'yes' if collapse else 'no'}{f' ({collapse}/{len(runs)})' if len(runs) > 1 and collapse else ''} | "
                      f"{fmt('osc', nd=4)} | {fmt('wall_s', nd=0)} |")
@@ -140,6 +161,7 @@ def table(rows_by_seed: dict[int, list[dict]]) -> str:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="small profile, < 10 min on 2 CPU cores")
+    p.add_argument("--smoke", action="store_true", help="tiny profile: checks the script runs, numbers mean nothing")
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
     p.add_argument("--recipes", nargs="+", default=RECIPES)
     p.add_argument("--bits", type=int, nargs="+", default=[4, 3])
@@ -153,11 +175,12 @@ def main() -> None:
 
     work = a.work or Path(tempfile.mkdtemp(prefix="bench_recipes_"))
     make_hermetic(work / "cfg")
-    prof = PROFILES["quick" if a.quick else "full"]
+    prof = PROFILES["smoke" if a.smoke else "quick" if a.quick else "full"]
     t0 = time.perf_counter()
     rows = {s: run_seed(s, prof, work, a.recipes, a.bits) for s in a.seeds}
     print(f"\nshapes {prof['n_train']}/{prof['n_val']} images at {prof['imgsz']}, yolov8n, FP {prof['fp_epochs']} "
-          f"epochs, QAT fine-tune {prof['qat_epochs']} epochs, seeds {a.seeds}, total {time.perf_counter() - t0:.0f} s")
+          f"epochs, QAT fine-tune {prof['qat_epochs']} epochs ({' '.join(f'{k}={v}' for k, v in finetune_args().items())}),"
+          f" seeds {a.seeds}, total {time.perf_counter() - t0:.0f} s")
     print(table(rows))
     if a.json:
         a.json.write_text(json.dumps(rows, indent=1))

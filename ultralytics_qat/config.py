@@ -164,6 +164,34 @@ class AFWConfig:
 
 
 @dataclass
+class FinetuneConfig:
+    """Ultralytics training arguments QAT chooses when it starts from a trained float checkpoint (not a yaml, a QAT
+    checkpoint or a resume), unless the user set them; null = Ultralytics' own choice. BENCHMARKS.md measured them."""
+
+    optimizer: str | None = option("AdamW", str, "optimizer (Ultralytics' auto picks one and an lr for training from scratch)", nullable=True)
+    lr0: float | None = option(1e-4, float, "initial learning rate (an Adam step moves a weight by about lr)", low=0.0, nullable=True)
+    warmup_epochs: float | None = option(1.0, float, "linear lr warm-up epochs", low=0.0, nullable=True)
+    warmup_bias_lr: float | None = option(0.0, float, "bias lr at the warm-up start (Ultralytics 0.1: a spike on a trained model)", low=0.0, nullable=True)
+    mosaic: float | None = option(0.0, float, "mosaic augmentation probability", low=0.0, high=1.0, nullable=True)
+    close_mosaic: int | None = option(0, int, "epochs at the end without mosaic", low=0, nullable=True)
+
+
+@dataclass
+class CollapseConfig:
+    """The collapse guard: peak-then-drop of validation fitness detected, logged to qat_events.jsonl, acted on."""
+
+    enabled: bool = option(True, bool, "watch validation fitness for a collapse (README 'Collapse guard')")
+    drop: float = option(0.1, float, "a validation counts as a drop when fitness < (1 - drop) * best fitness so far", low=0.01, high=0.99)
+    patience: int = option(2, int, "consecutive dropped validations that make a collapse", low=1)
+    min_epochs: int = option(2, int, "first epoch (1-based) whose validation may count as a drop; earlier ones only set the best", low=1)
+    action: str = option(
+        "restore", str, "warn: log only; restore: best EMA state back, BN re-estimated, lr x lr_factor; freeze: best "
+        "EMA state back, then all quantized weights' integer codes frozen", ("warn", "restore", "freeze"),
+    )
+    lr_factor: float = option(0.1, float, "restore multiplies every learning rate (and its schedule) by this", low=1e-4, high=1.0)
+
+
+@dataclass
 class QATConfig:
     """Complete QAT recipe. Build with :meth:`load` (yaml + overrides) or :meth:`from_dict`."""
 
@@ -186,6 +214,8 @@ class QATConfig:
     scalegrad: ScaleGradConfig = field(default_factory=ScaleGradConfig)
     qc: QCConfig = field(default_factory=QCConfig)
     afw: AFWConfig = field(default_factory=AFWConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    collapse: CollapseConfig = field(default_factory=CollapseConfig)
 
     # ----------------------------------------------------------------------------------------------------------------
     @classmethod
@@ -398,6 +428,8 @@ _SECTION_OFF = {
     "scalegrad": "qat.scalegrad.delta=0 and qat.scalegrad.k=0",
     "qc": "qat.qc.enabled=false",
     "afw": "qat.afw.enabled=false",
+    "collapse": "qat.collapse.enabled=false",
+    "finetune": "null for each key, e.g. qat.finetune.lr0=null",
 }
 
 

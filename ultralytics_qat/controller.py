@@ -15,7 +15,7 @@ from torch import nn
 
 from .config import QATConfig
 from .quant import LSQQuantizer, QConv2d, format_plan, quantize_model
-from .stabilize import Stabilizer, TrainState, build_stabilizers
+from .stabilize import CollapseGuard, Stabilizer, TrainState, build_stabilizers
 from .utils import LOGGER
 
 def quantizers(model: nn.Module) -> list[tuple[str, LSQQuantizer]]:
@@ -94,6 +94,20 @@ class QATController:
         if state.ema is not None:
             sync_integer_state(state.model, state.ema)
         self.run("before_validation", state)
+
+    @property
+    def collapse_guard(self):
+        """The :class:`~ultralytics_qat.stabilize.CollapseGuard`, or None when ``collapse.enabled`` is off."""
+        return next((st for st in self.stabilizers if isinstance(st, CollapseGuard)), None)
+
+    def stabilizer_states(self) -> dict:
+        """Host-side stabilizer state for a resume checkpoint, by stabilizer name (empty ones left out)."""
+        return {st.name: sd for st in self.stabilizers if (sd := st.state_dict())}
+
+    def load_stabilizer_states(self, states: dict) -> None:
+        for st in self.stabilizers:
+            if st.name in (states or {}):
+                st.load_state_dict(states[st.name])
 
     @property
     def has_post_qat(self) -> bool:

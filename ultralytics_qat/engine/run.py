@@ -20,6 +20,7 @@ with their own random streams: the training iterator and its augmentation random
 
 from __future__ import annotations
 
+import json
 import math
 import random
 from contextlib import contextmanager
@@ -105,6 +106,7 @@ class QATRun:
         self.post_qat: dict | None = None  # what the post-QAT stages did, saved in the final checkpoints
         self._aux: AuxBatches | None = None
         self.layers = LayerStats()  # per-layer statistics per epoch: <run>/qat_layers.csv (rank 0)
+        self._finalizing = False  # final_eval's validations are not epochs the collapse guard watches
 
     def __getstate__(self):  # DDP pickles the callbacks (and so this run) for its workers: no loader
         return {**self.__dict__, "_aux": None}
@@ -118,7 +120,8 @@ class QATRun:
         """
         for fns in owner.callbacks.values():
             fns[:] = [f for f in fns if not isinstance(getattr(f, "__self__", None), QATRun)]
-        events = ["on_pretrain_routine_end", "on_train_epoch_start", "on_train_batch_start", "on_train_batch_end"]
+        events = ["on_pretrain_routine_end", "on_train_epoch_start", "on_train_batch_start", "on_train_batch_end",
+                  "on_fit_epoch_end"]
         if self.dropin:
             events.insert(0, "on_pretrain_routine_start")
         for event in events:
@@ -134,8 +137,10 @@ class QATRun:
             return
         if trainer.ddp or trainer.world_size > 1:
             raise QATError("add_qat_callbacks does not support DDP; use trainer=QATDetectionTrainer for multi-GPU QAT")
-        args = vars(trainer.args)
-        if self.apply_arg_policy(args):
+        from ultralytics.utils import DEFAULT_CFG_DICT
+
+        args = vars(trainer.args)  # merged already: a value other than Ultralytics' default is the user's
+        if self.apply_arg_policy(args, {k for k, v in args.items() if v != DEFAULT_CFG_DICT.get(k, v)}):
             from ultralytics.utils import YAML
 
             YAML.save(trainer.save_dir / "args.yaml", args)  # args.yaml was written before this event
@@ -144,14 +149,31 @@ class QATRun:
             setattr(trainer, name, partial(getattr(self, name.strip("_")), trainer, getattr(trainer, name)))
         self.bound = True
 
-    def apply_arg_policy(self, args: dict) -> bool:
-        """Ultralytics args QAT changes (AMP off unless ``qat.amp``); returns True if ``args`` changed."""
+    def apply_arg_policy(self, args: dict, user: set | None = None) -> bool:
+        """Ultralytics args QAT changes: AMP off unless ``qat.amp``; ``qat.finetune`` values for a float start unless
+        the user set them (``user``: the keys the user gave; None = every key in ``args``). True if ``args`` changed."""
+        changed = self._finetune_defaults(args, set(args) if user is None else user)
         if self.qat.config.amp or args.get("amp") is False:
-            return False
+            return changed
         if args.get("amp") is not None:
             LOGGER.info("QAT: AMP switched off (fake quantization needs fp32; set qat.amp=true to keep it)")
         args["amp"] = False
         return True
+
+    def _finetune_defaults(self, args: dict, user: set) -> bool:
+        """QAT fine-tune hyperparameters (``qat.finetune``) for a start from a trained float checkpoint, in one line."""
+        ft = {k: v for k, v in vars(self.qat.config.finetune).items() if v is not None}
+        if not ft or not _float_start(args):
+            return False
+        chosen = {k: v for k, v in ft.items() if k not in user}
+        kept = [f"{k}={args[k]}" for k in ft if k in user]
+        args.update(chosen)
+        if chosen:
+            LOGGER.info(f"QAT: fine-tuning a float checkpoint with {' '.join(f'{k}={v}' for k, v in chosen.items())} "
+                        f"(qat.finetune; Ultralytics' defaults are for training from scratch, see BENCHMARKS.md)"
+                        f"{'; yours kept: ' + ' '.join(kept) if kept else ''}; qat.finetune.<key>=null keeps "
+                        "Ultralytics' choice")
+        return bool(chosen)
 
     def check_resume(self, trainer) -> None:
         """Refuse, in one line and before any data is loaded, to resume a finished run or a deploy checkpoint."""
@@ -231,12 +253,14 @@ class QATRun:
         base(ckpt)
         ckpt_io.restore(trainer.model, entry)
         ckpt_io.restore(trainer.ema.ema, entry)
+        self.qat.load_stabilizer_states(entry.get("stabilizers", {}))
         self.configure_ema(trainer)  # Ultralytics rebuilt the EMA with its own decay
         _drop_rows_after(trainer.csv, ckpt.get("epoch", -1) + 1)
 
     def save_model(self, trainer, base=None) -> bool:
         """Write last.pt (resumable), best.pt (compact) and period checkpoints, each atomically."""
         self._resync_nonfinite_ema(trainer)
+        self.watch_collapse(trainer)  # before writing: last.pt holds what the guard did and its state
         ema = trainer.ema.ema
         config = self.qat.config.to_dict()
         trainer.wdir.mkdir(parents=True, exist_ok=True)
@@ -253,6 +277,7 @@ class QATRun:
         from ultralytics.utils import LOCAL_RANK, RANK
         from ultralytics.utils.torch_utils import torch_distributed_zero_first
 
+        self._finalizing = True
         with torch_distributed_zero_first(LOCAL_RANK):
             if RANK in {-1, 0} and trainer.ema is not None and trainer.last.exists():
                 post_is_best = self._finalize(trainer) if self.qat.has_post_qat else None
@@ -322,6 +347,10 @@ class QATRun:
             self.qat.calibrate(trainer.model, self.state(trainer).images())
             trainer.ema.ema.load_state_dict(unwrap(trainer.model).state_dict())
         self.configure_ema(trainer)
+        guard = self.qat.collapse_guard
+        if guard is not None:
+            guard.can_act = trainer.world_size <= 1
+            guard.load_best = partial(self._best_state, trainer)
         self.qat.run("on_train_start", self.state(trainer))
         if _main_process():
             self.layers.start(trainer.save_dir, trainer.ema.ema, trainer.start_epoch)
@@ -353,6 +382,26 @@ class QATRun:
         self.layers.record(trainer.ema.ema, trainer.epoch + 1)
         trainer.lr.update(self.csv_row())  # trainer.lr is saved to results.csv and logged to TensorBoard
 
+    def on_fit_epoch_end(self, trainer) -> None:
+        self.watch_collapse(trainer)  # save=False: save_model did not run this epoch
+
+    def watch_collapse(self, trainer) -> None:
+        """Give the epoch's validation fitness to the collapse guard (once per epoch); record what it fired."""
+        guard = self.qat.collapse_guard
+        if guard is None or self._finalizing or trainer.ema is None:
+            return
+        event = guard.observe(self.state(trainer), trainer.fitness)
+        if event is not None:
+            with open(trainer.save_dir / "qat_events.jsonl", "a", encoding="utf-8") as f:
+                f.write(json.dumps(event) + "\n")
+
+    def _best_state(self, trainer) -> dict | None:
+        """The exact QAT state of best.pt (the guard's fallback when its in-memory copy is gone, e.g. after resume)."""
+        if not trainer.best.exists():
+            return None
+        model, _ = ckpt_io.load_qat_model(trainer.best)
+        return {k: v.detach().float() if v.is_floating_point() else v for k, v in model.state_dict().items()}
+
     def csv_row(self) -> dict:
         """This epoch's qat/* scalars with the first epoch's keys, in its order (NaN where a value is missing).
 
@@ -372,7 +421,7 @@ class QATRun:
         return TrainState(
             model=unwrap(trainer.model), ema=trainer.ema.ema if trainer.ema else None, optimizer=trainer.optimizer,
             epoch=epoch, epochs=trainer.epochs, batch=self.batch, batches_per_epoch=len(aux), batches=aux,
-            log=self.log, base_lrs=base, final=final,
+            log=self.log, base_lrs=base, final=final, scheduler=getattr(trainer, "scheduler", None),
         )
 
     def aux_batches(self, trainer) -> AuxBatches:
@@ -422,6 +471,8 @@ class QATRun:
 
         if self.post_qat is not None:
             entry = {**entry, "post_qat": self.post_qat}
+        if resumable:
+            entry = {**entry, "stabilizers": self.qat.stabilizer_states()}
         out = {
             "epoch": trainer.epoch,
             "best_fitness": trainer.best_fitness,
@@ -476,6 +527,27 @@ class QATRun:
             for k, v in ema.state_dict().items():
                 if v.is_floating_point() and not torch.isfinite(v).all() and torch.isfinite(model_sd[k]).all():
                     v.copy_(model_sd[k])
+
+
+def _float_start(args: dict) -> bool:
+    """True when training starts from float weights: a ``.pt`` model (or ``pretrained=``) that is not a QAT
+    checkpoint, and not a resume. A file not on disk yet is an Ultralytics download, i.e. a float model."""
+    from pathlib import Path
+
+    if args.get("resume"):
+        return False
+    src = args.get("model")
+    if not (isinstance(src, (str, Path)) and str(src).endswith(".pt")):
+        src = args.get("pretrained")
+        if not (isinstance(src, (str, Path)) and str(src).endswith(".pt")):
+            return False
+    if not Path(src).is_file():
+        return True
+    try:
+        ckpt = torch.load(src, map_location="cpu", weights_only=False)
+    except Exception:  # Ultralytics reports an unreadable model file itself, in its own words
+        return False
+    return not (isinstance(ckpt, dict) and isinstance(ckpt.get(ckpt_io.CKPT_KEY), dict))
 
 
 def _drop_rows_after(csv_path, epochs_done: int) -> None:

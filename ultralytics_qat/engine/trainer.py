@@ -42,7 +42,7 @@ class QATDetectionTrainer(DetectionTrainer):
     def __init__(self, cfg=DEFAULT_CFG, overrides=None, _callbacks=None):
         qat, dotted, overrides = split_qat_overrides(overrides)
         self.qat_run = QATRun(qat, dotted)
-        self.qat_run.apply_arg_policy(overrides)
+        self.qat_run.apply_arg_policy(overrides, set(overrides))  # the keys given are the user's
         super().__init__(cfg, overrides, _callbacks)
         self.qat_run.register(self)
 

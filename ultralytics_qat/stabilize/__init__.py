@@ -5,6 +5,7 @@ from __future__ import annotations
 from ..config import QATConfig
 from .afw import AFW, adaptive_finetune
 from .base import Stabilizer, TrainState, cosine_ramp
+from .collapse import CollapseGuard
 from .bn import BatchNormStabilizer, batchnorms, reestimate_bn
 from .ead import EMAAwareDistance
 from .oscillation import OscillationStabilizer, OscillationTracker, oscillation_report
@@ -16,6 +17,7 @@ __all__ = [
     "AFW",
     "BatchNormStabilizer",
     "BitSchedule",
+    "CollapseGuard",
     "EMAAwareDistance",
     "OscillationStabilizer",
     "OscillationTracker",
@@ -52,4 +54,7 @@ def build_stabilizers(cfg: QATConfig) -> list[Stabilizer]:
         out.append(QuantizationCorrection(cfg.qc.epochs, cfg.qc.lr, cfg.bn.batches if cfg.bn.reestimate else 0))
     # QC re-estimates BN itself before it learns its corrections; re-estimating after it would undo part of them
     out.append(BatchNormStabilizer(cfg.bn.reestimate, cfg.bn.batches, cfg.bn.freeze_epoch, skip_final=cfg.qc.enabled))
+    c = cfg.collapse  # watches the validations that follow every hook above
+    if c.enabled:
+        out.append(CollapseGuard(c.drop, c.patience, c.min_epochs, c.action, c.lr_factor, cfg.bn.batches))
     return out

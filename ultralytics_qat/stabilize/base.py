@@ -31,6 +31,7 @@ class TrainState:
         log: Scalars to record for this epoch; keys ``qat/...`` land in results.csv and TensorBoard.
         base_lrs: Learning rates the scheduler set for this epoch, one per optimizer group.
         final: True after training has stopped (any reason), while the post-QAT stages and their validation run.
+        scheduler: The learning-rate scheduler (``base_lrs`` per group), or None.
     """
 
     model: nn.Module
@@ -44,6 +45,7 @@ class TrainState:
     log: dict = field(default_factory=dict)
     base_lrs: list = field(default_factory=list)
     final: bool = False
+    scheduler: object | None = None
 
     @property
     def progress(self) -> float:
@@ -84,6 +86,13 @@ class Stabilizer:
 
     def before_validation(self, state: TrainState) -> None:
         """Right before the EMA model is validated (and then saved); once more after the post-QAT stages."""
+
+    def state_dict(self) -> dict:
+        """Host-side state to keep in resume checkpoints (tensor state lives in module buffers instead)."""
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore what :meth:`state_dict` returned (on resume and NaN recovery)."""
 
 
 def cosine_ramp(progress: float, start: float, begin: float, end: float) -> float:
