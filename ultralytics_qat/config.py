@@ -116,7 +116,7 @@ class BNConfig:
     """BatchNorm statistics under oscillating weights (ICML'22)."""
 
     reestimate: bool = option(True, bool, "re-estimate BN statistics of the EMA model before each validation")
-    batches: int = option(50, int, "training batches used per re-estimation (capped at one pass over the data)", low=1)
+    batches: int = option(8, int, "training batches used per re-estimation (capped at one pass over the data)", low=1)
     freeze_epoch: int | None = option(None, int, "from this epoch on keep BN in eval mode while training; null = never", low=0, nullable=True)
 
 

@@ -67,7 +67,7 @@ class BatchNormStabilizer(Stabilizer):
 
     name = "bn"
 
-    def __init__(self, reestimate: bool = True, batches: int = 50, freeze_epoch: int | None = None, skip_final: bool = False):
+    def __init__(self, reestimate: bool = True, batches: int = 8, freeze_epoch: int | None = None, skip_final: bool = False):
         self.reestimate, self.batches, self.freeze_epoch, self.skip_final = reestimate, batches, freeze_epoch, skip_final
 
     def on_batch_start(self, state: TrainState) -> None:

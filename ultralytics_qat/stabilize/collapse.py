@@ -53,7 +53,7 @@ class CollapseGuard(Stabilizer):
 
     name = "collapse"
 
-    def __init__(self, drop=0.1, patience=2, min_epochs=2, action="restore", lr_factor=0.1, bn_batches=50):
+    def __init__(self, drop=0.1, patience=2, min_epochs=2, action="restore", lr_factor=0.1, bn_batches=8):
         if action not in ACTIONS:
             raise ValueError(f"collapse action must be one of {ACTIONS}, got {action!r}")
         self.drop, self.patience, self.min_epochs = drop, patience, min_epochs
