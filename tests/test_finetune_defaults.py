@@ -17,6 +17,11 @@ def float_pt(tmp_path_factory):
     return path
 
 
+# a recipe's fine-tune values (the bundled default keeps every one null: Ultralytics' choice measured best)
+FT = {"optimizer": "AdamW", "lr0": 1e-4, "warmup_epochs": 1.0, "warmup_bias_lr": 0.0, "mosaic": 0.0, "close_mosaic": 0}
+FT_OVERRIDES = {f"qat.finetune.{k}": v for k, v in FT.items()}
+
+
 def _lines(caplog):
     return [r.getMessage() for r in caplog.records if "fine-tuning a float checkpoint" in r.getMessage()]
 
@@ -25,9 +30,16 @@ def _trainer(tmp_path, **kw):
     return QATDetectionTrainer(overrides=dict(project=str(tmp_path), name="t", **kw))
 
 
+def test_bundled_default_keeps_ultralytics_choices(float_pt, coco8, tmp_path, caplog):
+    assert all(v is None for v in vars(QATConfig.load().finetune).values())
+    t = _trainer(tmp_path, model=str(float_pt), data=str(coco8))
+    assert (t.args.optimizer, t.args.warmup_bias_lr, t.args.mosaic) == ("auto", 0.1, 1.0)
+    assert not _lines(caplog)
+
+
 def test_float_start_gets_the_recipe_values_and_user_values_win(float_pt, coco8, tmp_path, caplog):
-    ft = QATConfig.load().finetune
-    t = _trainer(tmp_path, model=str(float_pt), data=str(coco8), lr0=0.02, mosaic=0.5)
+    ft = QATConfig.load(overrides={k.removeprefix("qat."): v for k, v in FT_OVERRIDES.items()}).finetune
+    t = _trainer(tmp_path, model=str(float_pt), data=str(coco8), lr0=0.02, mosaic=0.5, **FT_OVERRIDES)
     assert (t.args.optimizer, t.args.warmup_epochs, t.args.warmup_bias_lr, t.args.close_mosaic) == (
         ft.optimizer, ft.warmup_epochs, ft.warmup_bias_lr, ft.close_mosaic)
     assert (t.args.lr0, t.args.mosaic) == (0.02, 0.5)  # the user's
@@ -38,13 +50,13 @@ def test_float_start_gets_the_recipe_values_and_user_values_win(float_pt, coco8,
 
 def test_yaml_qat_checkpoint_and_resume_starts_keep_ultralytics_args(qat_run, coco8, tmp_path, caplog, float_pt):
     for model in ("yolov8n.yaml", str(qat_run / "weights" / "best.pt")):
-        t = _trainer(tmp_path, model=model, data=str(coco8))
+        t = _trainer(tmp_path, model=model, data=str(coco8), **FT_OVERRIDES)
         assert (t.args.optimizer, t.args.warmup_bias_lr, t.args.mosaic) == ("auto", 0.1, 1.0), model
     assert not _lines(caplog)
     assert not _float_start({"model": str(float_pt), "resume": True}) and _float_start({"model": str(float_pt)})
     assert _float_start({"model": "yolov8n.yaml", "pretrained": str(float_pt)})
     assert not _float_start({"model": str(qat_run / "weights" / "last.pt")})
-    t = _trainer(tmp_path, model=str(float_pt), data=str(coco8), **{"qat.finetune.optimizer": None,
+    t = _trainer(tmp_path, model=str(float_pt), data=str(coco8), **{**FT_OVERRIDES, "qat.finetune.optimizer": None,
                                                                        "qat.finetune.warmup_bias_lr": None})
     assert (t.args.optimizer, t.args.warmup_bias_lr, t.args.mosaic) == ("auto", 0.1, 0.0)  # null = Ultralytics'
 
@@ -60,11 +72,11 @@ def test_dropin_door_applies_them_to_the_optimizer_it_builds(float_pt, coco8, tm
         raise KeyboardInterrupt
 
     model = YOLO(str(float_pt))
-    add_qat_callbacks(model)
+    add_qat_callbacks(model, **{k.removeprefix("qat."): v for k, v in FT_OVERRIDES.items()})
     model.add_callback("on_pretrain_routine_end", grab)
     with pytest.raises(KeyboardInterrupt):
         model.train(data=str(coco8), project=str(tmp_path), warmup_epochs=2.0, **{**TRAIN_ARGS, "epochs": 1})
-    ft = QATConfig.load().finetune
+    ft = QATConfig.load(overrides={k.removeprefix("qat."): v for k, v in FT_OVERRIDES.items()}).finetune
     assert seen["opt"] == ft.optimizer and seen["lr"] == {ft.lr0}
     assert seen["args"].warmup_epochs == 2.0 and seen["args"].warmup_bias_lr == ft.warmup_bias_lr
     (line,) = _lines(caplog)

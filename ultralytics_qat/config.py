@@ -166,14 +166,15 @@ class AFWConfig:
 @dataclass
 class FinetuneConfig:
     """Ultralytics training arguments QAT chooses when it starts from a trained float checkpoint (not a yaml, a QAT
-    checkpoint or a resume), unless the user set them; null = Ultralytics' own choice. BENCHMARKS.md measured them."""
+    checkpoint or a resume), unless the user set them; null = Ultralytics' own choice, the measured best so far
+    (BENCHMARKS.md "QAT fine-tune defaults"), hence the default everywhere."""
 
-    optimizer: str | None = option("AdamW", str, "optimizer (Ultralytics' auto picks one and an lr for training from scratch)", nullable=True)
-    lr0: float | None = option(1e-4, float, "initial learning rate (an Adam step moves a weight by about lr)", low=0.0, nullable=True)
-    warmup_epochs: float | None = option(1.0, float, "linear lr warm-up epochs", low=0.0, nullable=True)
-    warmup_bias_lr: float | None = option(0.0, float, "bias lr at the warm-up start (Ultralytics 0.1: a spike on a trained model)", low=0.0, nullable=True)
-    mosaic: float | None = option(0.0, float, "mosaic augmentation probability", low=0.0, high=1.0, nullable=True)
-    close_mosaic: int | None = option(0, int, "epochs at the end without mosaic", low=0, nullable=True)
+    optimizer: str | None = option(None, str, "optimizer (Ultralytics' auto picks one and an lr for training from scratch)", nullable=True)
+    lr0: float | None = option(None, float, "initial learning rate (an Adam step moves a weight by about lr)", low=0.0, nullable=True)
+    warmup_epochs: float | None = option(None, float, "linear lr warm-up epochs", low=0.0, nullable=True)
+    warmup_bias_lr: float | None = option(None, float, "bias lr at the warm-up start (Ultralytics 0.1: a spike on a trained model)", low=0.0, nullable=True)
+    mosaic: float | None = option(None, float, "mosaic augmentation probability", low=0.0, high=1.0, nullable=True)
+    close_mosaic: int | None = option(None, int, "epochs at the end without mosaic", low=0, nullable=True)
 
 
 @dataclass
