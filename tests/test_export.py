@@ -412,14 +412,21 @@ def test_errors_are_one_line(tmp_path, live, monkeypatch, capsys):
     torch.save({"model": DetectionModel("yolov8n.yaml", nc=80, verbose=False).half(), "train_args": {}}, fp)
     with pytest.raises(QATCheckpointError, match=r"float Ultralytics checkpoint.*'yolo export model="):
         export_onnx(fp)
-    with pytest.raises(QATExportError, match="supported: onnx"):
+    with pytest.raises(QATExportError, match="supported: onnx, openvino, qonnx.*format=onnx quantize=int8"):
         export(live["ckpt"], format="engine")
     with pytest.raises(QATExportError, match="opset=11"):
         export_onnx(live["ckpt"], opset=11)
     assert main(["export", f"model={fp}"]) == 2
-    assert main(["export", f"model={live['ckpt']}", "format=openvino"]) == 2
+    bad = [("format=tflite", "supported: onnx, openvino, qonnx"), ("quantize=w8a16", "use quantize=int8"),
+           ("batch=0", "batch=0 must be a positive integer"), ("nms=True", "'nms' is not supported by yolo-qat export"),
+           ("half=maybe", "half='maybe' must be True or False"), ("dynamic=3", "dynamic"),
+           ("format=qonnx quantize=int8", "do not apply to format=qonnx")]
+    for args, why in bad:
+        assert main(["export", f"model={live['ckpt']}", *args.split()]) == 2, args
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 2 and "yolo export model=" in err[0] and "supported: onnx" in err[1]
+    assert len(err) == 1 + len(bad) and "yolo export model=" in err[0]
+    for line, (args, why) in zip(err[1:], bad):
+        assert line.startswith("yolo-qat: error: ") and why in line, (args, line)
 
     import importlib.util
 
@@ -438,7 +445,7 @@ def test_cli_export_and_val_onnx(qat_run, coco8, tmp_path):
     from ultralytics_qat.engine import QATDetectionValidator
 
     best = qat_run / "weights" / "best.pt"
-    assert main(["export", f"model={best}", "dynamic=True"]) == 2  # a yolo key export does not take
+    assert main(["export", f"model={best}", "workspace=4"]) == 2  # a yolo export key yolo-qat export does not take
     assert main(["export", f"model={best}", "format=onnx"]) == 0
     f = best.with_suffix(".onnx")
     meta = {p.key: p.value for p in onnx.load(str(f)).metadata_props}
