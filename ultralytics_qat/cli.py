@@ -335,10 +335,10 @@ def _val(args: dict) -> None:
         raise CLIError("val needs model=path/to/best.pt (a yolo-qat checkpoint)")
     _check_ultralytics_args(args)
     _bundled_by_name(args)
-    if str(args["model"]).endswith(".onnx"):  # a yolo-qat export: plain Ultralytics runs it
+    if str(args["model"]).rstrip("/\\").endswith((".onnx", "_openvino_model")):  # an export: plain Ultralytics runs it
         from ultralytics import YOLO
 
-        if not os.path.isfile(args["model"]):
+        if not os.path.exists(args["model"]):
             raise CLIError(f"model '{args['model']}' not found; export one with 'yolo-qat export model=best.pt'")
         with _ultralytics_errors(args, mode="val"):
             YOLO(args.pop("model")).val(**args)
@@ -361,16 +361,21 @@ def _predict(args: dict) -> None:
 
 
 def _export(args: dict) -> None:
-    from .export import export
+    from .export import EXPORT_KEYS, export
 
     if "model" not in args:
         raise CLIError("export needs model=path/to/best.pt (a yolo-qat checkpoint)")
+    legacy = {k: args.pop(k) for k in ("half", "int8") if k in args}  # Ultralytics' deprecated spellings of quantize
     _check_ultralytics_args(args)
-    extra = sorted(set(args) - {"model", "format", "imgsz", "opset"})
+    extra = sorted(set(args) - {"model", "format", *EXPORT_KEYS})
     if extra:
-        raise CLIError(f"'{extra[0]}' is not supported by export; it takes model, format, imgsz and opset")
-    f = export(args.pop("model"), **args)
-    print(f"\nQAT ONNX:  {f}\nValidate:  yolo-qat val model={f} data=...")
+        raise CLIError(f"'{extra[0]}' is not supported by yolo-qat export; it takes model, format, "
+                       f"{', '.join(EXPORT_KEYS)}")
+    qonnx = str(args.get("format", "onnx")).lower() == "qonnx"
+    with _ultralytics_errors(args, mode="val"):  # data= runs Ultralytics' validator for the mAP parity
+        f = export(args.pop("model"), **args, **legacy)
+    then = "Run:        FINN / hls4ml, or qonnx.core.onnx_exec" if qonnx else f"Validate:   yolo-qat val model={f} data=..."
+    print(f"\nQAT export: {f}\n{then}")
 
 
 def _report(rest: list[str]) -> None:

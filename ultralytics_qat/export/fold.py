@@ -78,6 +78,19 @@ class ActivationQuant:
             raise QATExportError(f"activation grid [{q.qn}, {q.qp}] of '{name}' does not fit an 8-bit container")
         return cls(float(q.scale.detach().float().clamp_min(SCALE_EPS)), q.qn, q.qp, q.bits)
 
+    def symmetric_int8(self) -> ActivationQuant:
+        """This grid if it fits INT8 with zero point 0, else the symmetric INT8 grid covering its range (TensorRT).
+
+        Only 8-bit unsigned/affine grids change: ``s' = s * max(-qn, qp) / 127`` and the grid ends rounded onto the
+        new steps, i.e. one bit of resolution is lost on that tensor (the export reports it; training those layers
+        at 7 bits, or with a signed grid, keeps the TensorRT graph exact).
+        """
+        if self.signed:
+            return self
+        step = self.scale * max(-self.qn, self.qp) / 127
+        lo, hi = (max(-127, min(127, round(q * self.scale / step))) for q in (self.qn, self.qp))
+        return ActivationQuant(step, lo, hi, 8)
+
 
 # -- weights: exact fold -------------------------------------------------------------------------------------------
 @dataclass
@@ -175,6 +188,7 @@ class QDQConv2d(nn.Module):
         if conv.padding_mode != "zeros":
             raise QATExportError(f"conv padding_mode='{conv.padding_mode}' is not supported by QAT export")
         self.bits, self.container_bits, self.act = folded.bits, folded.container_bits, act
+        self.weight_grid = (conv.weight_fake_quant.qn, conv.weight_fake_quant.qp)  # the trained grid (QONNX needs it)
         self.register_buffer("codes", folded.codes)
         self.register_buffer("scale", folded.scale)
         self.register_buffer("bias", folded.bias)
@@ -204,6 +218,7 @@ class FoldReport:
 
     quantized: dict[str, QDQConv2d] = field(default_factory=dict)
     float_layers: list[str] = field(default_factory=list)
+    regridded: list[str] = field(default_factory=list)  # 8-bit unsigned/affine inputs moved to symmetric INT8
 
 
 def _bn_of(parent: nn.Module, attr: str) -> nn.BatchNorm2d | None:
@@ -212,8 +227,10 @@ def _bn_of(parent: nn.Module, attr: str) -> nn.BatchNorm2d | None:
 
 
 @torch.no_grad()
-def fold_model(model: nn.Module) -> FoldReport:
+def fold_model(model: nn.Module, symmetric_int8: bool = False) -> FoldReport:
     """Replace every QConv2d (and the BN after it) by a :class:`QDQConv2d` in place; fold BN of float convs too.
+
+    ``symmetric_int8``: every activation grid in INT8 with zero point 0 (:meth:`ActivationQuant.symmetric_int8`).
 
     Every Ultralytics ``Conv`` ends up BN-free with ``forward_fuse``, so ``model.fuse()`` (called by Ultralytics'
     exporter) finds nothing left to fold and cannot re-round the codes.
@@ -236,6 +253,9 @@ def fold_model(model: nn.Module) -> FoldReport:
             bn = _bn_of(parent, attr)
             folded = fold_weight(m, bn, name)
             act = None if m.input_fake_quant is None else ActivationQuant.from_quantizer(m.input_fake_quant, name)
+            if act is not None and symmetric_int8 and not act.signed:
+                act = act.symmetric_int8()
+                report.regridded.append(name)
             new = QDQConv2d(m, folded, act)
             setattr(parent, attr, new)
             report.quantized[name] = new
