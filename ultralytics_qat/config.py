@@ -164,6 +164,22 @@ class AFWConfig:
 
 
 @dataclass
+class DistillConfig:
+    """Distillation from the float teacher: the frozen float model the run starts from supervises the QAT student."""
+
+    weight: float = option(
+        0.0, float, "weight of the distillation term added to the detection loss (1 = the size of the detection "
+        "loss's own terms, both per batch); 0 = off", low=0.0, high=100.0,
+    )
+    loss: str = option(
+        "head", str, "head: class KL + box-distribution (DFL) KL per anchor, weighted by the teacher's confidence; "
+        "feat: MSE of the neck features (the head inputs) in the teacher's per-channel units; both: their sum",
+        ("head", "feat", "both"),
+    )
+    temperature: float = option(1.0, float, "softening temperature T of the head terms (multiplied back by T^2)", low=0.1, high=20.0)
+
+
+@dataclass
 class QATConfig:
     """Complete QAT recipe. Build with :meth:`load` (yaml + overrides) or :meth:`from_dict`."""
 
@@ -186,6 +202,7 @@ class QATConfig:
     scalegrad: ScaleGradConfig = field(default_factory=ScaleGradConfig)
     qc: QCConfig = field(default_factory=QCConfig)
     afw: AFWConfig = field(default_factory=AFWConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
 
     # ----------------------------------------------------------------------------------------------------------------
     @classmethod
@@ -398,6 +415,7 @@ _SECTION_OFF = {
     "scalegrad": "qat.scalegrad.delta=0 and qat.scalegrad.k=0",
     "qc": "qat.qc.enabled=false",
     "afw": "qat.afw.enabled=false",
+    "distill": "qat.distill.weight=0",
 }
 
 

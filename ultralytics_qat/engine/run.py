@@ -33,6 +33,8 @@ import torch
 from .. import checkpoint as ckpt_io
 from ..config import QATConfig
 from ..controller import QATController, unwrap
+from ..distill import ENTRY_KEY as DISTILL_KEY
+from ..distill import build_distiller
 from ..errors import QATCheckpointError, QATError
 from ..stabilize import TrainState
 from ..utils import LOGGER
@@ -102,9 +104,10 @@ class QATRun:
         self.columns: list | None = None  # qat/* keys of the first epoch: results.csv's header is written once
         self.post_qat: dict | None = None  # what the post-QAT stages did, saved in the final checkpoints
         self._aux: AuxBatches | None = None
+        self.distiller = None  # qat.distill: the frozen float teacher (never inside the student's module tree)
 
-    def __getstate__(self):  # DDP pickles the callbacks (and so this run) for its workers: no loader
-        return {**self.__dict__, "_aux": None}
+    def __getstate__(self):  # DDP pickles the callbacks (and so this run) for its workers: no loader, no teacher
+        return {**self.__dict__, "_aux": None, "distiller": None}
 
     # -- doors -------------------------------------------------------------------------------------------------------
     def register(self, owner) -> None:
@@ -169,6 +172,8 @@ class QATRun:
         if qat_weights:
             self._adopt_checkpoint_config(weights, bool(trainer.args.resume))
         model = base(cfg=cfg, weights=None, verbose=verbose)
+        if self.qat.config.distill.weight > 0:  # the teacher is the float model, copied before quantizers go in
+            self.distiller = build_distiller(model, weights, qat_weights, self.qat.config.distill)
         self.qat.prepare(model, verbose=verbose and RANK in {-1, 0})
         if weights is not None:
             model.load(weights)
@@ -278,10 +283,14 @@ class QATRun:
             self.qat.calibrate(trainer.model, self.state(trainer).images())
             trainer.ema.ema.load_state_dict(unwrap(trainer.model).state_dict())
         self.configure_ema(trainer)
+        if self.distiller is not None:
+            self.distiller.to(trainer.device)
         self.qat.run("on_train_start", self.state(trainer))
 
     def on_train_epoch_start(self, trainer) -> None:
         self.batch, self.log = 0, {}
+        if self.distiller is not None:  # each epoch: a resume or NaN recovery may have rebuilt the criterion
+            self.distiller.wrap(unwrap(trainer.model))
         self.qat.run("on_epoch_start", self.state(trainer))
 
     def on_train_batch_start(self, trainer) -> None:
@@ -301,6 +310,8 @@ class QATRun:
         if warning:  # the forward clamps them to a tiny step: those channels output zeros
             LOGGER.warning(f"QAT: epoch {trainer.epoch + 1}: {warning}; the scales' lr is too high for them, lower "
                            "qat.optim.scale_lr_mult (Adam steps by about lr whatever the scale's size)")
+        if self.distiller is not None:
+            self.log["qat/distill_loss"] = self.distiller.epoch_mean()
         self.qat.epoch_end(self.state(trainer))
         trainer.lr.update(self.csv_row())  # trainer.lr is saved to results.csv and logged to TensorBoard
 
@@ -370,6 +381,8 @@ class QATRun:
 
         if self.post_qat is not None:
             entry = {**entry, "post_qat": self.post_qat}
+        if self.distiller is not None:  # where the teacher comes from on resume (never the teacher itself)
+            entry = {**entry, DISTILL_KEY: self.distiller.source}
         out = {
             "epoch": trainer.epoch,
             "best_fitness": trainer.best_fitness,
