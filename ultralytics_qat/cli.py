@@ -4,6 +4,7 @@
     yolo-qat val model=runs/detect/train/weights/best.pt
     yolo-qat predict model=runs/detect/train/weights/best.pt source=path/to/images
     yolo-qat export model=runs/detect/train/weights/best.pt format=onnx
+    yolo-qat sensitivity model=yolov8n.pt data=coco8.yaml bits=[2,3,4] batches=4
     yolo-qat train                    # the bundled demo: yolov8n.yaml on coco8, default qat.yaml, offline
 
 Ultralytics' ``yolo`` rejects unknown keys and has no plugin hook, so this is the plugin's ``yolo train`` rather than
@@ -18,7 +19,7 @@ import sys
 from contextlib import contextmanager
 from pathlib import Path
 
-MODES = ("train", "val", "predict", "export")
+MODES = ("train", "val", "predict", "export", "sensitivity")
 DEMO = {"model": "yolov8n.yaml", "epochs": 10, "imgsz": 160, "batch": 4, "nbs": 4, "workers": 0, "name": "qat-demo"}
 HELP = f"""Usage: yolo-qat MODE [key=value ...] [qat=qat.yaml] [qat.<key>=value ...]
 
@@ -361,6 +362,28 @@ def _export(args: dict) -> None:
     print(f"\nQAT ONNX:  {f}\nValidate:  yolo-qat val model={f} data=...")
 
 
+def _sensitivity(args: dict) -> None:
+    """``yolo-qat sensitivity model=fp.pt data=x.yaml [bits=[2,3,4]] [batches=4] [imgsz batch seed device project name]``."""
+    from .quant.sensitivity import format_table, load, run_sensitivity
+
+    if "model" not in args:
+        raise CLIError("sensitivity needs model=path/to/float.pt (the float model QAT will start from)")
+    extra = {k: args.pop(k) for k in ("bits", "batches") if k in args}
+    qat, dotted, rest, _ = _train_args({**args, "model": args["model"]})  # qat=/qat.* pick the layer policy
+    _check_ultralytics_args(rest)
+    allowed = {"data", "imgsz", "batch", "seed", "device", "project", "name", "exist_ok"}
+    bad = sorted(set(rest) - allowed)
+    if bad:
+        raise CLIError(f"'{bad[0]}' is not supported by sensitivity; it takes model, data, bits, batches, "
+                       f"{', '.join(sorted(allowed - {'data'}))} and qat/qat.* keys")
+    yolo = _load_model(args["model"])
+    with _ultralytics_errors(rest, mode="val"):
+        paths = run_sensitivity(yolo.model, qat=qat, overrides=dotted, **extra, **rest)
+    print("\n" + format_table(load(paths["json"])))
+    print(f"\nSensitivity: {paths['json']}\nUse it:      yolo-qat train model={args['model']} "
+          f"qat.budget.sensitivity={paths['json']} qat.budget.avg_weight_bits=3.5")
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``yolo-qat`` and ``python -m ultralytics_qat``; returns the exit status."""
     argv = sys.argv[1:] if argv is None else list(argv)
@@ -384,7 +407,7 @@ def main(argv: list[str] | None = None) -> int:
         if demo:
             args = dict(DEMO)
             print("yolo-qat: running the bundled demo (yolov8n.yaml on coco8, default qat.yaml, offline)")
-        {"train": _train, "val": _val, "predict": _predict, "export": _export}[mode](args)
+        {"train": _train, "val": _val, "predict": _predict, "export": _export, "sensitivity": _sensitivity}[mode](args)
     except (CLIError, QATError, BackendUnavailableError) as e:
         print(f"yolo-qat: error: {e}", file=sys.stderr)
         return 2
