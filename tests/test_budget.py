@@ -99,3 +99,25 @@ def test_the_choice_is_saved_and_restored_without_the_sensitivity_file(tmp_path)
     again = _model()  # a resumed run: the checkpoint's config, choice included, on a fresh float model
     QATController(QATConfig.from_dict(entry["config"])).prepare(again, verbose=False)
     assert _bits_and_params(again)[0] == bits
+
+
+@pytest.mark.slow
+def test_a_trained_budget_run_saves_its_choice_and_loads_it_back(coco8, tmp_path):
+    from ultralytics import YOLO
+
+    from ultralytics_qat import QATDetectionTrainer
+    from ultralytics_qat.checkpoint import load_qat_model
+
+    path = _sensitivity(_model(), tmp_path / "s.json")  # layer names do not depend on the class count
+    model = YOLO("yolov8n.yaml")
+    model.train(trainer=QATDetectionTrainer, data=str(coco8), project=str(tmp_path), name="b", epochs=1, imgsz=64,
+                batch=4, nbs=4, workers=0, plots=False, qat="lsq",
+                **{"qat.budget.avg_weight_bits": 3.5, "qat.budget.sensitivity": str(path)})
+    choice = model.trainer.qat.config.budget.choice
+    assert choice
+    path.unlink()
+    for name in ("best.pt", "last.pt"):
+        loaded, ckpt = load_qat_model(model.trainer.wdir / name)
+        assert ckpt["qat"]["config"]["budget"]["choice"] == choice
+        bits, params = _bits_and_params(loaded)
+        assert all(bits[n] == b for n, b in choice.items()) and average_weight_bits(bits, params) <= 3.5

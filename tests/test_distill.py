@@ -196,3 +196,14 @@ def test_checkpoints_hold_the_teacher_source_but_not_the_teacher(float_pt, coco8
     float_pt.unlink()
     with pytest.raises(QATCheckpointError, match="no longer exists"):
         build_distiller(_model(80), weights, True, cfg)
+
+
+def test_ddp_pickles_the_run_without_its_teacher():
+    """DDP pickles the callbacks (so the run) for its workers: each rank builds its own teacher in get_model."""
+    from ultralytics_qat.engine import QATRun
+
+    run = QATRun(None, {"distill.weight": 1.0})
+    run.distiller = Distiller(_model(), run.qat.config.distill, None)
+    data = pickle.dumps(run)
+    assert pickle.loads(data).distiller is None
+    assert len(data) < 0.1 * len(pickle.dumps(run.distiller.teacher))
