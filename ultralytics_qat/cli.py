@@ -6,6 +6,7 @@
     yolo-qat export model=runs/detect/train/weights/best.pt format=onnx
     yolo-qat train                    # the demo: float vs PTQ vs W4A4 QAT vs ONNX on the shapes set, offline
     yolo-qat report runs/detect/train # rebuild a run's report: qat_stats.db, plots, report.md
+    yolo-qat sensitivity model=yolov8n.pt data=coco8.yaml bits=[2,3,4] batches=4
 
 Ultralytics' ``yolo`` rejects unknown keys and has no plugin hook, so this is the plugin's ``yolo train`` rather than
 a patch of it. Errors print one line naming the problem and the fix, and exit with status 2.
@@ -19,7 +20,7 @@ import sys
 from contextlib import contextmanager
 from pathlib import Path
 
-MODES = ("train", "val", "predict", "export")
+MODES = ("train", "val", "predict", "export", "sensitivity")
 DEFAULT_MODEL = "yolov8n.yaml"  # train without model=: QAT from the yaml (a smoke run on the bundled coco8)
 HELP = f"""Usage: yolo-qat MODE [key=value ...] [qat=qat.yaml] [qat.<key>=value ...]
 
@@ -388,6 +389,28 @@ def _report(rest: list[str]) -> None:
     print(f"QAT report: {path}\nDatabase:   {path.parent / 'qat_stats.db'}\nPlots:      {path.parent / 'qat_report'}")
 
 
+def _sensitivity(args: dict) -> None:
+    """``yolo-qat sensitivity model=fp.pt data=x.yaml [bits=[2,3,4]] [batches=4] [imgsz batch seed device project name]``."""
+    from .quant.sensitivity import format_table, load, run_sensitivity
+
+    if "model" not in args:
+        raise CLIError("sensitivity needs model=path/to/float.pt (the float model QAT will start from)")
+    extra = {k: args.pop(k) for k in ("bits", "batches") if k in args}
+    qat, dotted, rest, _ = _train_args({**args, "model": args["model"]})  # qat=/qat.* pick the layer policy
+    _check_ultralytics_args(rest)
+    allowed = {"data", "imgsz", "batch", "seed", "device", "project", "name", "exist_ok"}
+    bad = sorted(set(rest) - allowed)
+    if bad:
+        raise CLIError(f"'{bad[0]}' is not supported by sensitivity; it takes model, data, bits, batches, "
+                       f"{', '.join(sorted(allowed - {'data'}))} and qat/qat.* keys")
+    yolo = _load_model(args["model"])
+    with _ultralytics_errors(rest, mode="val"):
+        paths = run_sensitivity(yolo.model, qat=qat, overrides=dotted, **extra, **rest)
+    print("\n" + format_table(load(paths["json"])))
+    print(f"\nSensitivity: {paths['json']}\nUse it:      yolo-qat train model={args['model']} "
+          f"qat.budget.sensitivity={paths['json']} qat.budget.avg_weight_bits=3.5")
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``yolo-qat`` and ``python -m ultralytics_qat``; returns the exit status."""
     argv = sys.argv[1:] if argv is None else list(argv)
@@ -417,7 +440,7 @@ def main(argv: list[str] | None = None) -> int:
             print("yolo-qat: running the demo (float vs PTQ vs W4A4 QAT vs ONNX on the bundled shapes set, offline)")
             run_demo()
             return 0
-        {"train": _train, "val": _val, "predict": _predict, "export": _export}[mode](args)
+        {"train": _train, "val": _val, "predict": _predict, "export": _export, "sensitivity": _sensitivity}[mode](args)
     except (CLIError, QATError, BackendUnavailableError) as e:
         print(f"yolo-qat: error: {e}", file=sys.stderr)
         return 2

@@ -193,6 +193,40 @@ class CollapseConfig:
 
 
 @dataclass
+class DistillConfig:
+    """Distillation from the float teacher: the frozen float model the run starts from supervises the QAT student."""
+
+    weight: float = option(
+        0.0, float, "weight of the distillation term added to the detection loss (1 = the size of the detection "
+        "loss's own terms, both per batch); 0 = off", low=0.0, high=100.0,
+    )
+    loss: str = option(
+        "head", str, "head: class KL + box-distribution (DFL) KL per anchor, weighted by the teacher's confidence; "
+        "feat: MSE of the neck features (the head inputs) in the teacher's per-channel units; both: their sum",
+        ("head", "feat", "both"),
+    )
+    temperature: float = option(1.0, float, "softening temperature T of the head terms (multiplied back by T^2)", low=0.1, high=20.0)
+
+
+@dataclass
+class BudgetConfig:
+    """Mixed precision under a size budget: per-layer weight bits chosen from a layer-sensitivity file."""
+
+    avg_weight_bits: float | None = option(
+        None, float, "average weight bits over all quantized weight elements (first/last layers and overrides at "
+        "their own bits included) that the chosen widths must not exceed; null = off", low=2.0, high=8.0, nullable=True,
+    )
+    sensitivity: str | None = option(
+        None, str, "sensitivity.json of 'yolo-qat sensitivity' (same model and layer policy); its measured widths are "
+        "the candidates", nullable=True,
+    )
+    choice: dict = option(
+        {}, dict, "conv name -> weight bits: filled in by the run from the two keys above and saved in checkpoints "
+        "(resume and export reuse it); leave empty",
+    )
+
+
+@dataclass
 class QATConfig:
     """Complete QAT recipe. Build with :meth:`load` (yaml + overrides) or :meth:`from_dict`."""
 
@@ -217,6 +251,8 @@ class QATConfig:
     afw: AFWConfig = field(default_factory=AFWConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     collapse: CollapseConfig = field(default_factory=CollapseConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    budget: BudgetConfig = field(default_factory=BudgetConfig)
 
     # ----------------------------------------------------------------------------------------------------------------
     @classmethod
@@ -431,6 +467,8 @@ _SECTION_OFF = {
     "afw": "qat.afw.enabled=false",
     "collapse": "qat.collapse.enabled=false",
     "finetune": "null for each key, e.g. qat.finetune.lr0=null",
+    "distill": "qat.distill.weight=0",
+    "budget": "qat.budget.avg_weight_bits=null",
 }
 
 
@@ -517,8 +555,22 @@ def _check_schedule(cfg: QATConfig, source: str) -> None:
         raise QATConfigError(f"{source}: a bit schedule needs 'schedule.milestones', e.g. [2, 4] for 3 stages")
 
 
+def _check_budget(cfg: QATConfig, source: str) -> None:
+    b = cfg.budget
+    for name, bits in b.choice.items():
+        if not isinstance(name, str) or not (isinstance(bits, int) and not isinstance(bits, bool) and 2 <= bits <= 8):
+            raise QATConfigError(f"{source}: 'budget.choice' maps conv names to bits in 2..8, got {_show(name)}: "
+                                 f"{_show(bits)}; leave it empty, the run fills it in")
+    if b.avg_weight_bits is not None and b.sensitivity is None and not b.choice:
+        raise QATConfigError(
+            f"{source}: 'budget.avg_weight_bits' needs 'budget.sensitivity', a sensitivity.json made by 'yolo-qat "
+            "sensitivity model=<float>.pt data=<data.yaml>'"
+        )
+
+
 def _check_overrides(cfg: QATConfig, source: str) -> None:
     _check_schedule(cfg, source)
+    _check_budget(cfg, source)
     _check_exclude(cfg.exclude, source)
     for glob, spec in cfg.overrides.items():
         if not isinstance(glob, str):

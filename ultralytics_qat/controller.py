@@ -15,6 +15,7 @@ from torch import nn
 
 from .config import QATConfig
 from .quant import LSQQuantizer, QConv2d, format_plan, quantize_model
+from .quant.budget import apply_budget
 from .stabilize import CollapseGuard, Stabilizer, TrainState, build_stabilizers
 from .utils import LOGGER
 
@@ -68,6 +69,7 @@ class QATController:
     def prepare(self, model: nn.Module, verbose: bool = True) -> nn.Module:
         """Insert fake quantizers into ``model`` in place (before any optimizer or EMA exists) and return it."""
         total = sum(isinstance(m, nn.Conv2d) for m in model.modules())
+        self.config = apply_budget(model, self.config)  # qat.budget: per-layer bits into budget.choice (saved)
         self.plans = quantize_model(model, self.config)
         model.qat_config = self.config.to_dict()  # pickled with the model, so a checkpoint knows its recipe
         for st in self.stabilizers:

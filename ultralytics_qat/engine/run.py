@@ -34,6 +34,8 @@ import torch
 from .. import checkpoint as ckpt_io
 from ..config import QATConfig
 from ..controller import QATController, unwrap
+from ..distill import ENTRY_KEY as DISTILL_KEY
+from ..distill import build_distiller
 from ..errors import QATCheckpointError, QATError
 from ..report import LayerStats
 from ..stabilize import TrainState
@@ -107,9 +109,10 @@ class QATRun:
         self._aux: AuxBatches | None = None
         self.layers = LayerStats()  # per-layer statistics per epoch: <run>/qat_layers.csv (rank 0)
         self._finalizing = False  # final_eval's validations are not epochs the collapse guard watches
+        self.distiller = None  # qat.distill: the frozen float teacher (never inside the student's module tree)
 
-    def __getstate__(self):  # DDP pickles the callbacks (and so this run) for its workers: no loader
-        return {**self.__dict__, "_aux": None}
+    def __getstate__(self):  # DDP pickles the callbacks (and so this run) for its workers: no loader, no teacher
+        return {**self.__dict__, "_aux": None, "distiller": None}
 
     # -- doors -------------------------------------------------------------------------------------------------------
     def register(self, owner) -> None:
@@ -194,6 +197,8 @@ class QATRun:
         if qat_weights:
             self._adopt_checkpoint_config(weights, bool(trainer.args.resume))
         model = base(cfg=cfg, weights=None, verbose=verbose)
+        if self.qat.config.distill.weight > 0:  # the teacher is the float model, copied before quantizers go in
+            self.distiller = build_distiller(model, weights, qat_weights, self.qat.config.distill)
         self.qat.prepare(model, verbose=verbose and RANK in {-1, 0})
         if weights is not None:
             model.load(weights, verbose=False)  # its count would include the quantizers a float model cannot fill
@@ -351,6 +356,8 @@ class QATRun:
         if guard is not None:
             guard.can_act = trainer.world_size <= 1
             guard.load_best = partial(self._best_state, trainer)
+        if self.distiller is not None:
+            self.distiller.to(trainer.device)
         self.qat.run("on_train_start", self.state(trainer))
         if _main_process():
             self.layers.start(trainer.save_dir, trainer.ema.ema, trainer.start_epoch)
@@ -358,6 +365,8 @@ class QATRun:
 
     def on_train_epoch_start(self, trainer) -> None:
         self.batch, self.log = 0, {}
+        if self.distiller is not None:  # each epoch: a resume or NaN recovery may have rebuilt the criterion
+            self.distiller.wrap(unwrap(trainer.model))
         self.qat.run("on_epoch_start", self.state(trainer))
 
     def on_train_batch_start(self, trainer) -> None:
@@ -378,6 +387,8 @@ class QATRun:
             LOGGER.warning(f"QAT: epoch {trainer.epoch + 1}: {warning}; the scales' lr is too high for them, lower "
                            "qat.optim.scale_lr_mult (Adam steps by about lr whatever the scale's size)")
         self.layers.snapshot_bn(trainer.ema.ema)
+        if self.distiller is not None:
+            self.log["qat/distill_loss"] = self.distiller.epoch_mean()
         self.qat.epoch_end(self.state(trainer))
         self.layers.record(trainer.ema.ema, trainer.epoch + 1)
         trainer.lr.update(self.csv_row())  # trainer.lr is saved to results.csv and logged to TensorBoard
@@ -473,6 +484,8 @@ class QATRun:
             entry = {**entry, "post_qat": self.post_qat}
         if resumable:
             entry = {**entry, "stabilizers": self.qat.stabilizer_states()}
+        if self.distiller is not None:  # where the teacher comes from on resume (never the teacher itself)
+            entry = {**entry, DISTILL_KEY: self.distiller.source}
         out = {
             "epoch": trainer.epoch,
             "best_fitness": trainer.best_fitness,

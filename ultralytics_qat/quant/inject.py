@@ -85,6 +85,10 @@ def plan_layers(model: nn.Module, cfg: QATConfig) -> list[LayerPlan]:
                     f"qat '{key}' glob '{glob}' matches no quantizable conv; names look like "
                     f"'{names[0]}' ... '{names[-1]}' (a glob may also name the parent, e.g. 'model.0')"
                 )
+    unknown = sorted(set(cfg.budget.choice) - set(names))
+    if unknown:
+        raise QATConfigError(f"qat 'budget.choice' names '{unknown[0]}', which is not a quantizable conv of this model; "
+                             "it belongs to another model: leave budget.choice empty")
     last = last_convs(model)
     plans = []
     for i, name in enumerate(names):
@@ -103,6 +107,8 @@ def plan_layers(model: nn.Module, cfg: QATConfig) -> list[LayerPlan]:
                 wb = spec.get("weight_bits", wb)
                 ab = spec.get("activation_bits", ab)
                 role = role or "override"
+        if not role and name in cfg.budget.choice:  # mixed precision chosen under qat.budget (layers without a role)
+            wb, role = cfg.budget.choice[name], "budget"
         if wb is None:  # an override set weight_bits: null -> the layer stays float
             continue
         plans.append(LayerPlan(name, wb, ab, cfg.weight.granularity, role))

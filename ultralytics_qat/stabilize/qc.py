@@ -258,7 +258,7 @@ def _criterion(model: nn.Module, train_model: nn.Module):
     """The training model's loss criterion (its current gains, e.g. of an end-to-end head), else a new one."""
     crit = getattr(train_model, "criterion", None)
     if crit is not None:
-        return crit
+        return getattr(crit, "task", crit)  # the detection loss alone, without a distillation wrapper's teacher
     if getattr(model, "args", None) is not None or getattr(train_model, "args", None) is None:
         return model.init_criterion()
     model.args = train_model.args  # the loss reads its gains from model.args; leave no trace on the model
