@@ -7,7 +7,8 @@ Per epoch it records, from Ultralytics callbacks:
 - loop: ``on_train_epoch_start`` to the epoch's last ``on_train_batch_end`` (forward, backward, optimizer, EMA);
 - full epoch: ``on_train_epoch_start`` to ``on_fit_epoch_end`` (loop + QAT's BN re-estimation + validation +
   checkpoint writing), i.e. what an epoch costs the user;
-- BN re-estimation: the time spent in ``reestimate_bn`` (QAT only; part of the full epoch).
+- BN re-estimation: the time spent in ``reestimate_bn`` (QAT only; part of the full epoch);
+- val: ``on_val_start`` to ``on_val_end`` of the epoch's validation (part of the full epoch).
 
 The first two epochs are dropped as warm-up (the CPU kernels compile meanwhile) and the median of the rest reported;
 "process" is the whole child process's wall time, dataset building and the final validation included.
@@ -49,7 +50,7 @@ from ultralytics_qat import QATDetectionTrainer
 import ultralytics_qat.stabilize.bn as bn_mod
 
 name, spec, base = sys.argv[1], json.loads(sys.argv[2]), json.loads(sys.argv[4])
-loop, full, bn, t = [], [], [], {"bn": 0.0}
+loop, full, bn, val, t = [], [], [], [], {"bn": 0.0}
 _reestimate = bn_mod.reestimate_bn
 def timed_reestimate(*a, **k):
     t0 = time.perf_counter()
@@ -58,20 +59,25 @@ def timed_reestimate(*a, **k):
     finally:
         t["bn"] += time.perf_counter() - t0
 bn_mod.reestimate_bn = timed_reestimate
-def start(tr): t.update(start=time.perf_counter(), bn=0.0)
+def start(tr): t.update(start=time.perf_counter(), bn=0.0, val=0.0)
 def batch_end(tr): t["last"] = time.perf_counter()
+def val_start(v): t["v0"] = time.perf_counter()
+def val_end(v): t["val"] += time.perf_counter() - t["v0"]
 def fit_epoch_end(tr):
     loop.append(t["last"] - t["start"]); full.append(time.perf_counter() - t["start"]); bn.append(t["bn"])
+    val.append(t["val"])
 model = YOLO("yolov8n.yaml")
 model.add_callback("on_train_epoch_start", start)
 model.add_callback("on_train_batch_end", batch_end)
+model.add_callback("on_val_start", val_start)  # the trainer's validator gets copies of these callbacks
+model.add_callback("on_val_end", val_end)
 model.add_callback("on_fit_epoch_end", fit_epoch_end)
 trainer = QATDetectionTrainer if any(k.startswith("qat") for k in spec) else DetectionTrainer
 model.train(trainer=trainer, name=name, **base, **spec)
 rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 steady = lambda xs: statistics.median(xs[2:] if len(xs) > 3 else xs[1:] or xs)  # epochs 1-2: warm-up and compiles
-print("RESULT " + json.dumps({"name": name, "loop": loop, "full": full, "bn": bn, "loop_s": steady(loop),
-                              "full_s": steady(full), "bn_s": steady(bn), "rss_mb": rss_mb,
+print("RESULT " + json.dumps({"name": name, "loop": loop, "full": full, "bn": bn, "val": val, "loop_s": steady(loop),
+                              "full_s": steady(full), "bn_s": steady(bn), "val_s": steady(val), "rss_mb": rss_mb,
                               "process_s": time.perf_counter() - t_process, "threads": torch.get_num_threads()}))
 """
 
@@ -136,11 +142,11 @@ def table(results: dict, a) -> str:
     threads = next(iter(results.values()))["threads"] if results else "?"
     lines = [f"\nyolov8n, shapes {a.images}+{a.val_images} images, imgsz {a.imgsz}, batch {a.batch}, {a.epochs} epochs "
              f"(median of epochs 3+), validation every epoch, CPU, {threads} torch threads",
-             f"{'config':<15}{'loop s':>8}{'x FP':>7}{'full epoch s':>14}{'x FP':>7}{'BN re-est s':>13}"
+             f"{'config':<15}{'loop s':>8}{'x FP':>7}{'full epoch s':>14}{'x FP':>7}{'BN re-est s':>13}{'val s':>7}"
              f"{'peak RSS MB':>13}{'x FP':>7}{'process s':>11}{'x FP':>7}"]
     for name, r in results.items():
         lines.append(f"{name:<15}{r['loop_s']:>8.2f}{ratio(r, 'loop_s'):>7}{r['full_s']:>14.2f}{ratio(r, 'full_s'):>7}"
-                     f"{r['bn_s']:>13.2f}{r['rss_mb']:>13.0f}{ratio(r, 'rss_mb'):>7}{r['process_s']:>11.1f}"
+                     f"{r['bn_s']:>13.2f}{r['val_s']:>7.2f}{r['rss_mb']:>13.0f}{ratio(r, 'rss_mb'):>7}{r['process_s']:>11.1f}"
                      f"{ratio(r, 'process_s'):>7}")
     return "\n".join(lines)
 
