@@ -64,6 +64,8 @@ def batch_end(tr): t["last"] = time.perf_counter()
 def val_start(v): t["v0"] = time.perf_counter()
 def val_end(v): t["val"] += time.perf_counter() - t["v0"]
 def fit_epoch_end(tr):
+    if tr.epoch >= tr.epochs:  # final_eval's validation of best.pt (logged as epoch epochs + 1): not an epoch
+        return
     loop.append(t["last"] - t["start"]); full.append(time.perf_counter() - t["start"]); bn.append(t["bn"])
     val.append(t["val"])
 model = YOLO("yolov8n.yaml")
