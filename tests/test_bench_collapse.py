@@ -92,6 +92,7 @@ def test_run_args_setting_wins_and_fp_is_substituted(bc):
     assert args["model"] == "/x/fp.pt" and args["batch"] == 8 and args["nbs"] == bc.COMMON["nbs"]
     assert args["qat"] == "stable" and args["qat.collapse.action"] == "warn" and args["seed"] == 1
     assert "qat.collapse.action" not in bc.run_args(setting, bc.COMPARE["default"], "/x/fp.pt", "d", 0)
+    assert bc.run_args(setting, {"qat": "r", "qat.weight.bits": 8}, "/x/fp.pt", "d", 0)["qat.weight.bits"] == 3
     with pytest.raises(ValueError):
         bc.run_args(setting, bc.COMPARE["lsq"], None, "d", 0)
 
@@ -112,7 +113,7 @@ def test_read_curves_from_a_run_folder(bc, tmp_path):
     (tmp_path / "results.csv").write_text(
         "epoch,metrics/mAP50-95(B),qat/osc_frac,qat/weight_scale_mean\n1,0.30,0.01,0.05\n2,0.20,0.02,0.06\n")
     (tmp_path / "qat_layers.csv").write_text(
-        "stage,epoch,layer,w_scale_drift\nstart,0,a,\nepoch,1,a,0.1\nepoch,1,b,0.3\nepoch,2,a,0.4\nepoch,2,b,0.6\n")
+        "stage,epoch,layer,w_scale_drift\nstart,0,a,\nepoch,1,a,0.1\nepoch,1,b,0.3\nepoch,2,a,0.4\nepoch,2,b,0.6\npost_qat,2,a,9.0\n")
     (tmp_path / "qat_events.jsonl").write_text(json.dumps({"epoch": 2, "action": "warn", "message": "m"}) + "\n")
     c = bc.read_curves(tmp_path)
     assert c["map"] == [0.30, 0.20] and c["osc"] == [0.01, 0.02] and c["w_scale_mean"] == [0.05, 0.06]
