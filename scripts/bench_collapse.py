@@ -16,15 +16,18 @@ synthetic shapes dataset, on CPU:
 
 A setting is a dict of Ultralytics training arguments and ``qat.*`` keys that describe the *problem* (model, bit
 widths, granularity, optimizer, learning rate, epochs), never a stabilizer: ``--compare`` lays it over each recipe.
-``model: "fp"`` fine-tunes a trained float yolov8n: ``--fp`` (e.g. the demo's float model) or, without it, one
-trained here once (yolov8n.yaml, 60 epochs) and cached in the work folder. Every run shares :data:`COMMON` (one
+``model: "fp"`` fine-tunes a trained float yolov8n: ``--fp`` or, without it, one trained here once (yolov8n.yaml,
+60 epochs) and cached in the work folder. ``yolo-qat demo`` caches such a model on the same data (shapes 128 train /
+32 val at 128 px, seed 0): ``<weights_dir>/ultralytics-qat/yolov8n-shapes128-128px-e60.pt`` with
+``<datasets_dir>/shapes-demo-128/data.yaml`` (``yolo settings`` shows both dirs). Every run shares :data:`COMMON` (one
 optimizer step per batch of 16); a finished run with the same arguments in the work folder is reused, not retrained
 (``--rerun`` retrains), so ``--compare`` reuses the search's LSQ run. Each candidate takes 1-3 minutes on 2 cores.
 
     python scripts/bench_collapse.py --list
     python scripts/bench_collapse.py --search --work runs/bench_collapse --json collapse_search.json
-    python scripts/bench_collapse.py --search ft-w3a3-sgd --compare auto --work runs/bench_collapse \\
-        --fp weights/ultralytics-qat/yolov8n-shapes128-128px-e60.pt --data /path/shapes-128/data.yaml
+    python scripts/bench_collapse.py --search ft-w3a3-sgd ft-w4a4-adamw --compare auto \\
+        --fp <weights_dir>/ultralytics-qat/yolov8n-shapes128-128px-e60.pt \\
+        --data <datasets_dir>/shapes-demo-128/data.yaml
 """
 
 from __future__ import annotations
@@ -37,10 +40,10 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_recipes import MAP, results  # noqa: E402
+from bench_recipes import MAP, results
 
-SHAPES = dict(n_train=128, n_val=32, imgsz=128)  # the quick profile's dataset (and the demo float model's)
-COMMON = dict(imgsz=128, batch=16, nbs=16, deterministic=True)  # nbs = batch: one optimizer step per batch
+SHAPES = {"n_train": 128, "n_val": 32, "imgsz": 128}  # the quick profile's dataset (and the demo float model's)
+COMMON = {"imgsz": 128, "batch": 16, "nbs": 16, "deterministic": True}  # nbs = batch: one optimizer step per batch
 FP_EPOCHS = 60
 BITS = {2: {"qat.weight.bits": 2, "qat.activation.bits": 2}, 3: {"qat.weight.bits": 3, "qat.activation.bits": 3},
         4: {"qat.weight.bits": 4, "qat.activation.bits": 4}, 16: {"qat.weight.bits": 4, "qat.activation.bits": None}}
@@ -217,32 +220,42 @@ def _summary_cells(r: dict) -> str:
             f" (worst {_f(r['worst_drop'], pct=True)}%), collapsed {'yes' if r['collapsed'] else 'no'}")
 
 
+def _last(values: list | None):
+    return values[-1] if values else None
+
+
+def _row(cells: list) -> str:
+    return "| " + " | ".join(str(c) for c in cells) + " |"
+
+
+def _header(names: list[str]) -> list[str]:
+    return [_row(names), "|---" * len(names) + "|"]
+
+
 def search_table(rows: list[dict]) -> str:
-    lines = ["| setting | epochs | peak mAP50-95 | peak epoch | final | drop % of peak | worst drop % | collapsed | "
-             "osc. frac (final) | wall s |", "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = _header(["setting", "epochs", "peak mAP50-95", "peak epoch", "final", "drop % of peak", "worst drop %",
+                     "collapsed", "osc. frac (final)", "wall s"])
     for r in rows:
-        lines.append(f"| {r['setting']} | {len(r['map'])} | {_f(r['peak'])} | {r['peak_epoch']} | {_f(r['final'])} | "
-                     f"{_f(r['drop'], pct=True)} | {_f(r['worst_drop'], pct=True)} | {'yes' if r['collapsed'] else 'no'}"
-                     f" | {_f(r['osc'][-1] if r['osc'] else None, 4)} | {r['wall_s']:.0f} |")
+        lines.append(_row([r["setting"], len(r["map"]), _f(r["peak"]), r["peak_epoch"], _f(r["final"]),
+                           _f(r["drop"], pct=True), _f(r["worst_drop"], pct=True), "yes" if r["collapsed"] else "no",
+                           _f(_last(r["osc"]), 4), f"{r['wall_s']:.0f}"]))
     return "\n".join(lines)
 
 
 def compare_tables(rows: list[dict]) -> str:
-    lines = ["| run | peak mAP50-95 | peak epoch | final | drop % of peak | collapsed | guard events | after post-QAT | "
-             "osc. frac (final) | w-scale drift (final) | wall s |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = _header(["run", "peak mAP50-95", "peak epoch", "final", "drop % of peak", "collapsed", "guard events",
+                     "after post-QAT", "osc. frac (final)", "w-scale drift (final)", "wall s"])
     for r in rows:
-        ev = ", ".join(f"{e['action']}@{e['epoch']}" for e in r["events"]) or "-"
-        lines.append(f"| {r['recipe']} | {_f(r['peak'])} | {r['peak_epoch']} | {_f(r['final'])} | "
-                     f"{_f(r['drop'], pct=True)} | {'yes' if r['collapsed'] else 'no'} | {ev} | {_f(r['post_qat_map'])} |"
-                     f" {_f(r['osc'][-1] if r['osc'] else None, 4)} | {_f(r['w_scale_drift'][-1] if r['w_scale_drift'] else None, 4)} |"
-                     f" {r['wall_s']:.0f} |")
+        events = ", ".join(f"{e['action']}@{e['epoch']}" for e in r["events"]) or "-"
+        lines.append(_row([r["recipe"], _f(r["peak"]), r["peak_epoch"], _f(r["final"]), _f(r["drop"], pct=True),
+                           "yes" if r["collapsed"] else "no", events, _f(r["post_qat_map"]), _f(_last(r["osc"]), 4),
+                           _f(_last(r["w_scale_drift"]), 4), f"{r['wall_s']:.0f}"]))
     n = max(len(r["map"]) for r in rows)
     for key, title, nd in (("map", "mAP50-95", 3), ("osc", "oscillating fraction", 4),
                            ("w_scale_drift", "weight-scale drift since calibration", 4)):
-        lines += ["", f"{title} per epoch:", "", "| epoch | " + " | ".join(r["recipe"] for r in rows) + " |",
-                  "|---" * (len(rows) + 1) + "|"]
+        lines += ["", f"{title} per epoch:", "", *_header(["epoch", *(r["recipe"] for r in rows)])]
         for e in range(n):
-            lines.append(f"| {e + 1} | " + " | ".join(_f(r[key][e] if e < len(r[key]) else None, nd) for r in rows) + " |")
+            lines.append(_row([e + 1, *(_f(r[key][e] if e < len(r[key]) else None, nd) for r in rows)]))
     return "\n".join(lines)
 
 
@@ -307,8 +320,8 @@ def main(argv: list[str] | None = None) -> int:
             fp_cache.append(str(a.fp.resolve()) if a.fp else float_model(work, data, a.seed, a.rerun))
         return fp_cache[0]
 
-    ctx = dict(work=work, data=data, seed=a.seed, fp=fp, rerun=a.rerun, drop=a.drop, min_peak=a.min_peak,
-               epochs=a.epochs)
+    ctx = {"work": work, "data": data, "seed": a.seed, "fp": fp, "rerun": a.rerun, "drop": a.drop,
+           "min_peak": a.min_peak, "epochs": a.epochs}
     out: dict = {"settings": SETTINGS, "common": COMMON, "data": data, "seed": a.seed, "drop": a.drop,
                  "min_peak": a.min_peak}
     t0 = time.perf_counter()

@@ -112,11 +112,28 @@ def test_settings_describe_the_problem_not_a_stabilizer(bc):
 def test_read_curves_from_a_run_folder(bc, tmp_path):
     (tmp_path / "results.csv").write_text(
         "epoch,metrics/mAP50-95(B),qat/osc_frac,qat/weight_scale_mean\n1,0.30,0.01,0.05\n2,0.20,0.02,0.06\n")
-    (tmp_path / "qat_layers.csv").write_text(
-        "stage,epoch,layer,w_scale_drift\nstart,0,a,\nepoch,1,a,0.1\nepoch,1,b,0.3\nepoch,2,a,0.4\nepoch,2,b,0.6\npost_qat,2,a,9.0\n")
+    layers = ["stage,epoch,layer,w_scale_drift", "start,0,a,", "epoch,1,a,0.1", "epoch,1,b,0.3", "epoch,2,a,0.4",
+              "epoch,2,b,0.6", "post_qat,2,a,9.0"]
+    (tmp_path / "qat_layers.csv").write_text("\n".join(layers) + "\n")
     (tmp_path / "qat_events.jsonl").write_text(json.dumps({"epoch": 2, "action": "warn", "message": "m"}) + "\n")
     c = bc.read_curves(tmp_path)
     assert c["map"] == [0.30, 0.20] and c["osc"] == [0.01, 0.02] and c["w_scale_mean"] == [0.05, 0.06]
     assert c["w_scale_drift"] == pytest.approx([0.2, 0.5])
     assert c["events"] == [{"epoch": 2, "action": "warn"}] and c["post_qat_map"] is None
     assert math.isclose(bc.collapse_stats(c["map"])["drop"], 1 / 3)
+
+
+def test_tables_show_every_run_and_epoch(bc):
+    def row(name, curve, events=()):
+        return {"setting": name, "recipe": name, "map": curve, "osc": [0.01] * len(curve),
+                "w_scale_drift": [0.1] * len(curve), "events": list(events), "post_qat_map": None, "wall_s": 12.0,
+                **bc.collapse_stats(curve)}
+
+    rows = [row("lsq", [0.3, 0.2, 0.1]), row("default", [0.3, 0.29], [{"epoch": 2, "action": "restore"}])]
+    search = bc.search_table(rows).splitlines()
+    assert len(search) == 4 and "| lsq | 3 | 0.300 | 1 | 0.100 | 66.7 |" in search[2] and "| yes |" in search[2]
+    text = bc.compare_tables(rows)
+    assert "| default | 0.300 | 1 | 0.290 | 3.3 | no | restore@2 | - |" in text
+    assert "| 3 | 0.100 | - |" in text  # a shorter run leaves its later epochs empty
+    epoch_rows = [line for line in text.splitlines() if line.startswith("| 1 | ")]
+    assert len(epoch_rows) == 3  # one per-epoch table each for mAP, oscillation, scale drift
