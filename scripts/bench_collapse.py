@@ -7,9 +7,10 @@ synthetic shapes dataset, on CPU:
     only reporting) under each candidate setting of :data:`SETTINGS` (all of them, in order, if no name is given) and
     prints per setting: peak mAP50-95 and its epoch, final mAP50-95, drop of the final below the peak (% of the peak),
     the worst drop after the peak, and whether it collapsed (:func:`collapse_stats`).
-``--compare NAME``  trains, under that setting, plain LSQ, each remedy recipe (wacv24, icml22, scalegrad, and stable,
-    the default recipe's stabilizers, each with the guard only reporting) and the default recipe (``qat.yaml``) with
-    its collapse guard acting (``restore``), and prints a summary and per-epoch tables of mAP50-95, the oscillating
+``--compare NAME``  trains, under that setting, the float model (the control: does the setting make float training
+    fall too?), plain LSQ, each remedy recipe (wacv24, icml22, scalegrad, and stable, the default recipe's
+    stabilizers; each with the guard only reporting) and the default recipe (``qat.yaml``) with its collapse guard
+    acting (``restore``), and prints a summary and per-epoch tables of mAP50-95, the oscillating
     fraction (``qat/osc_frac``) and the weight-scale drift (mean over layers of qat_layers.csv's ``w_scale_drift``,
     the relative change of the mean learned step size since calibration). ``--compare auto`` (after ``--search`` in
     the same command) compares the setting with the largest collapse.
@@ -72,8 +73,11 @@ SETTINGS: dict[str, dict] = {
 }
 
 # --compare: run name -> recipe keys laid under the setting. Every run but "default" only reports a collapse.
+# "float" (None) is the float model trained by plain Ultralytics with the setting's arguments, its qat.* keys
+# dropped: it tells a collapse of QAT from one the hyperparameters cause in float too.
 WARN = {"qat.collapse.action": "warn"}
 COMPARE = {
+    "float": None,
     "lsq": {"qat": "lsq", **WARN},
     "wacv24": {"qat": "wacv24", **WARN},
     "icml22": {"qat": "icml22", **WARN},
@@ -81,7 +85,8 @@ COMPARE = {
     "stable": {"qat": "stable", **WARN},
     "default": {"qat": "qat"},
 }
-LABELS = {"stable": "stable (guard: warn)", "default": "default qat.yaml (guard: restore)"}
+LABELS = {"float": "float (same args)", "stable": "stable (guard: warn)",
+          "default": "default qat.yaml (guard: restore)"}
 
 
 def collapse_stats(curve: list[float], drop: float = 0.10, min_peak: float = 0.05) -> dict:
@@ -104,9 +109,14 @@ def collapse_stats(curve: list[float], drop: float = 0.10, min_peak: float = 0.0
             "collapsed": peak >= min_peak and d >= drop - 1e-12}
 
 
-def run_args(setting: dict, recipe: dict, fp: str | None, data: str, seed: int) -> dict:
-    """Training arguments of one run: COMMON, then the recipe, then the setting (the problem wins)."""
-    args = {**COMMON, "data": data, "seed": seed, **recipe, **setting}
+def run_args(setting: dict, recipe: dict | None, fp: str | None, data: str, seed: int) -> dict:
+    """Training arguments of one run: COMMON, then the recipe, then the setting (the problem wins).
+
+    ``recipe=None`` is the float run: no ``qat`` key at all.
+    """
+    args = {**COMMON, "data": data, "seed": seed, **(recipe or {}), **setting}
+    if recipe is None:
+        args = {k: v for k, v in args.items() if k != "qat" and not k.startswith("qat.")}
     if args["model"] == "fp":
         if fp is None:
             raise ValueError("a fine-tune setting needs the float model")
@@ -170,12 +180,15 @@ def float_model(work: Path, data: str, seed: int, rerun: bool) -> str:
     return str(save_dir / "weights" / "best.pt")
 
 
-def one_run(tag: str, setting: dict, recipe: dict, ctx: dict) -> dict:
+def one_run(tag: str, setting: dict, recipe: dict | None, ctx: dict) -> dict:
+    from ultralytics.models.yolo.detect import DetectionTrainer
+
     from ultralytics_qat import QATDetectionTrainer
 
     fp = ctx["fp"]() if setting["model"] == "fp" else None
     args = run_args(setting, recipe, fp, ctx["data"], ctx["seed"])
-    save_dir, wall = train_cached(tag, ctx["work"], args, QATDetectionTrainer, ctx["rerun"])
+    trainer = DetectionTrainer if recipe is None else QATDetectionTrainer
+    save_dir, wall = train_cached(tag, ctx["work"], args, trainer, ctx["rerun"])
     curves = read_curves(save_dir)
     return {"run": tag, "save_dir": str(save_dir), "args": _jsonable(args), "wall_s": wall, **curves,
             **collapse_stats(curves["map"], ctx["drop"], ctx["min_peak"])}

@@ -92,6 +92,8 @@ def test_run_args_setting_wins_and_fp_is_substituted(bc):
     assert args["model"] == "/x/fp.pt" and args["batch"] == 8 and args["nbs"] == bc.COMMON["nbs"]
     assert args["qat"] == "stable" and args["qat.collapse.action"] == "warn" and args["seed"] == 1
     assert "qat.collapse.action" not in bc.run_args(setting, bc.COMPARE["default"], "/x/fp.pt", "d", 0)
+    flt = bc.run_args(setting, bc.COMPARE["float"], "/x/fp.pt", "d", 0)
+    assert flt["model"] == "/x/fp.pt" and flt["epochs"] == 3 and not [k for k in flt if k.startswith("qat")]
     assert bc.run_args(setting, {"qat": "r", "qat.weight.bits": 8}, "/x/fp.pt", "d", 0)["qat.weight.bits"] == 3
     with pytest.raises(ValueError):
         bc.run_args(setting, bc.COMPARE["lsq"], None, "d", 0)
