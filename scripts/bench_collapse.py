@@ -6,7 +6,7 @@ synthetic shapes dataset, on CPU:
 ``--search [NAME ...]``  trains plain LSQ (``qat=lsq``: no stabilizer, BN statistics left stale, the collapse guard
     only reporting) under each candidate setting of :data:`SETTINGS` (all of them, in order, if no name is given) and
     prints per setting: peak mAP50-95 and its epoch, final mAP50-95, drop of the final below the peak (% of the peak),
-    the worst drop after the peak, and whether it collapsed (:func:`collapse_stats`).
+    the worst dip below the best so far, and whether it collapsed (:func:`collapse_stats`).
 ``--compare NAME``  trains, under that setting, the float model (the control: does the setting make float training
     fall too?), plain LSQ, each remedy recipe (wacv24, icml22, scalegrad, and stable, the default recipe's
     stabilizers; each with the guard only reporting) and the default recipe (``qat.yaml``) with its collapse guard
@@ -71,6 +71,9 @@ SETTINGS: dict[str, dict] = {
     # a long run at a high constant rate (lrf=1: no decay that could hide a collapse at the end)
     "ft-w3a3-sgd-const": dict(model="fp", epochs=20, optimizer="SGD", lr0=1e-2, lrf=1.0, **BITS[3]),
     "ft-w4a4-adamw-const": dict(model="fp", epochs=20, optimizer="AdamW", lr0=3e-3, lrf=1.0, **BITS[4]),
+    # long runs at a high constant rate
+    "ft-w4a4-adamw-long": dict(model="fp", epochs=40, optimizer="AdamW", lr0=3e-3, lrf=1.0, **BITS[4]),
+    "ft-w3a3-sgd-long": dict(model="fp", epochs=40, optimizer="SGD", lr0=1e-2, lrf=1.0, **BITS[3]),
     # learned step sizes at 10x the weights' rate: the scale drift and scale oscillation of WACV'24
     "ft-w4a4-adamw-scale10": dict(model="fp", epochs=15, optimizer="AdamW", lr0=3e-3, **BITS[4],
                                   **{"qat.optim.scale_lr_mult": 10.0}),
@@ -97,19 +100,23 @@ def collapse_stats(curve: list[float], drop: float = 0.10, min_peak: float = 0.0
     """Peak-then-drop of a validation mAP curve (one value per epoch).
 
     ``collapsed`` when the final value is at least ``drop`` (a fraction) of the peak below the peak and the peak is at
-    least ``min_peak`` (a run that never learned cannot collapse). ``worst_drop`` is the largest fall below the peak
-    at any later epoch (a dip the run recovered from shows there, not in ``drop``). Drops are fractions of the peak.
-    NaN entries (no validation) are ignored.
+    least ``min_peak`` (a run that never learned cannot collapse). ``worst_drop`` is the largest fall below the best
+    value so far at any epoch, once that best is at least ``min_peak`` (what the collapse guard watches): a dip the
+    run recovered from shows there, not in ``drop``. Drops are fractions of the peak (or best so far); NaN entries
+    (no validation) are ignored.
     """
     vals = [(i, v) for i, v in enumerate(curve) if v is not None and math.isfinite(v)]
     if not vals:
         return {"peak": None, "peak_epoch": None, "final": None, "drop": None, "worst_drop": None, "collapsed": False}
     peak_i, peak = max(vals, key=lambda x: (x[1], -x[0]))  # the first epoch that reaches the peak
     final = vals[-1][1]
-    after = [v for i, v in vals if i >= peak_i]
-    rel = (lambda v: (peak - v) / peak) if peak > 0 else (lambda v: 0.0)
-    d = rel(final)
-    return {"peak": peak, "peak_epoch": peak_i + 1, "final": final, "drop": d, "worst_drop": rel(min(after)),
+    d = (peak - final) / peak if peak > 0 else 0.0
+    best, worst = None, 0.0
+    for _, v in vals:
+        best = v if best is None else max(best, v)
+        if best >= min_peak:
+            worst = max(worst, (best - v) / best)
+    return {"peak": peak, "peak_epoch": peak_i + 1, "final": final, "drop": d, "worst_drop": worst,
             "collapsed": peak >= min_peak and d >= drop - 1e-12}
 
 
@@ -250,7 +257,7 @@ def _header(names: list[str]) -> list[str]:
 
 
 def search_table(rows: list[dict]) -> str:
-    lines = _header(["setting", "epochs", "peak mAP50-95", "peak epoch", "final", "drop % of peak", "worst drop %",
+    lines = _header(["setting", "epochs", "peak mAP50-95", "peak epoch", "final", "drop % of peak", "worst dip %",
                      "collapsed", "osc. frac (final)", "wall s"])
     for r in rows:
         lines.append(_row([r["setting"], len(r["map"]), _f(r["peak"]), r["peak_epoch"], _f(r["final"]),

@@ -33,6 +33,9 @@ def test_rising_curve_and_recovered_dip_do_not_collapse(bc):
     assert not bc.collapse_stats([0.1, 0.2, 0.3])["collapsed"]
     dip = bc.collapse_stats([0.30, 0.10, 0.29])  # fell by 67% and came back within 10% of the peak
     assert dip["worst_drop"] == pytest.approx(2 / 3) and not dip["collapsed"]
+    early = bc.collapse_stats([0.20, 0.10, 0.15, 0.30])  # a dip before the peak counts against the best so far
+    assert early["worst_drop"] == pytest.approx(0.5) and early["drop"] == 0.0 and not early["collapsed"]
+    assert bc.collapse_stats([0.04, 0.0, 0.3])["worst_drop"] == 0.0  # best so far below min_peak: noise
 
 
 def test_drop_threshold_boundary_and_custom_drop(bc):
