@@ -267,12 +267,12 @@ def search_table(rows: list[dict]) -> str:
 
 
 def compare_tables(rows: list[dict]) -> str:
-    lines = _header(["run", "peak mAP50-95", "peak epoch", "final", "drop % of peak", "collapsed", "guard events",
-                     "after post-QAT", "osc. frac (final)", "w-scale drift (final)", "wall s"])
+    lines = _header(["run", "peak mAP50-95", "peak epoch", "final", "drop % of peak", "worst dip %", "collapsed",
+                     "guard events", "after post-QAT", "osc. frac (final)", "w-scale drift (final)", "wall s"])
     for r in rows:
         events = ", ".join(f"{e['action']}@{e['epoch']}" for e in r["events"]) or "-"
         lines.append(_row([r["recipe"], _f(r["peak"]), r["peak_epoch"], _f(r["final"]), _f(r["drop"], pct=True),
-                           "yes" if r["collapsed"] else "no", events, _f(r["post_qat_map"]), _f(_last(r["osc"]), 4),
+                           _f(r["worst_drop"], pct=True), "yes" if r["collapsed"] else "no", events, _f(r["post_qat_map"]), _f(_last(r["osc"]), 4),
                            _f(_last(r["w_scale_drift"]), 4), f"{r['wall_s']:.0f}"]))
     n = max(len(r["map"]) for r in rows)
     for key, title, nd in (("map", "mAP50-95", 3), ("osc", "oscillating fraction", 4),

@@ -138,7 +138,7 @@ def test_tables_show_every_run_and_epoch(bc):
     search = bc.search_table(rows).splitlines()
     assert len(search) == 4 and "| lsq | 3 | 0.300 | 1 | 0.100 | 66.7 |" in search[2] and "| yes |" in search[2]
     text = bc.compare_tables(rows)
-    assert "| default | 0.300 | 1 | 0.290 | 3.3 | no | restore@2 | - |" in text
+    assert "| default | 0.300 | 1 | 0.290 | 3.3 | 3.3 | no | restore@2 | - |" in text
     assert "| 3 | 0.100 | - |" in text  # a shorter run leaves its later epochs empty
     epoch_rows = [line for line in text.splitlines() if line.startswith("| 1 | ")]
     assert len(epoch_rows) == 3  # one per-epoch table each for mAP, oscillation, scale drift
