@@ -70,6 +70,7 @@ SETTINGS: dict[str, dict] = {
     "ft-w4a16-sgd": dict(model="fp", epochs=15, optimizer="SGD", lr0=2e-2, **BITS[16]),
     # a long run at a high constant rate (lrf=1: no decay that could hide a collapse at the end)
     "ft-w3a3-sgd-const": dict(model="fp", epochs=20, optimizer="SGD", lr0=1e-2, lrf=1.0, **BITS[3]),
+    "ft-w3a3-adamw-hi-const": dict(model="fp", epochs=20, optimizer="AdamW", lr0=1e-2, lrf=1.0, **BITS[3]),
     "ft-w4a4-adamw-const": dict(model="fp", epochs=20, optimizer="AdamW", lr0=3e-3, lrf=1.0, **BITS[4]),
     # long runs at a high constant rate
     "ft-w4a4-adamw-long": dict(model="fp", epochs=40, optimizer="AdamW", lr0=3e-3, lrf=1.0, **BITS[4]),
