@@ -20,3 +20,14 @@ def train_stopped_after_first_epoch(data, project, name: str, **train_args):
     with pytest.raises(KeyboardInterrupt):
         model.train(trainer=QATDetectionTrainer, data=str(data), project=str(project), name=name, **train_args)
     return model.trainer.last
+
+
+def load_script(name: str):
+    """A module of scripts/ (not a package) imported by path, for tests of its pure logic."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).resolve().parents[1] / "scripts" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod

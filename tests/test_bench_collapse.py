@@ -3,22 +3,18 @@
 No training here: the benchmark itself is run by hand (BENCHMARKS.md "Collapse benchmark").
 """
 
-import importlib.util
 import json
 import math
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from qat_test_utils import load_script
+
 
 
 @pytest.fixture(scope="module")
 def bc():
-    spec = importlib.util.spec_from_file_location("bench_collapse", ROOT / "scripts" / "bench_collapse.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script("bench_collapse")
 
 
 def test_peak_then_drop_is_a_collapse(bc):
