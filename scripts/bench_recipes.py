@@ -2,20 +2,27 @@
 
 On the synthetic shapes dataset, on CPU:
 1. train a float yolov8n from its yaml (the FP reference);
-2. fine-tune it with each recipe in ``ultralytics_qat/cfg/recipes`` at W4A4 and W3A3 (AdamW, low LR, no mosaic);
+2. fine-tune it with each recipe at W4A4 and W3A3 (the plugin's fine-tune defaults: Ultralytics' own choice);
 3. PTQ: calibrate the scales and validate, no training;
 4. scratch W4A16 QAT from the yaml with Ultralytics' default hyperparameters (the seed's failing setting);
 5. the fair control "fp+ft": the float model fine-tuned (plain Ultralytics) for the same epochs with the same arguments
    as the QAT fine-tunes, so extra epochs alone do not count as QAT keeping accuracy.
-It prints one table: final and best mAP50-95, final as % of the fair control (fp+ft, final) and as % of the start FP
-model (its best epoch, the only reference of BENCHMARKS.md's older tables), epoch of the best, a collapse flag (final
-below 90% of best), the fraction of oscillating weights at the end, and wall time. The fine-tune arguments are the
+It prints one table: final mAP50-95 (the model the run ends with: after QC when the recipe has it), the last and the
+best epoch's, final as % of the fair control (fp+ft, final) and as % of the start FP model (its best epoch, the only
+reference of BENCHMARKS.md's older tables), epoch of the best, a collapse flag (last epoch below 90% of the best), the
+fraction of oscillating weights at the end, and wall time. The fine-tune arguments are the
 plugin's ``qat.finetune`` defaults, passed explicitly so that the float control gets the very same ones.
 
     python scripts/bench_recipes.py --quick            # < 10 min on 2 cores
     python scripts/bench_recipes.py                    # the full run (BENCHMARKS.md)
     python scripts/bench_recipes.py --seeds 0 1 2      # seed spread
     python scripts/bench_recipes.py --smoke --recipes lsq stable --bits 4   # does the script run (~3 min)
+    python scripts/bench_recipes.py --seeds 0 1 2 --recipes lsq default default+distill default+mixed --no-scratch
+
+A recipe is a bundled recipe name, or ``default`` (the bundled ``qat.yaml``), optionally with ``+distill``
+(``qat.distill.weight=1``: the float start model as teacher) and/or ``+mixed`` (``qat.budget``: per-layer weight bits
+from a ``yolo-qat sensitivity`` measurement of the seed's float model, at the average weight bits of the uniform run,
+so it is the same size). A finished run in ``--work`` is reused, so an interrupted benchmark resumes where it stopped.
 """
 
 from __future__ import annotations
@@ -45,20 +52,31 @@ def results(save_dir: Path) -> list[dict]:
         return [{k.strip(): float(v) for k, v in row.items() if v not in ("", None)} for row in csv.DictReader(f)]
 
 
+def post_qat_map(save_dir: Path) -> float | None:
+    """mAP50-95 of the model after the post-QAT stages (QC), when the run had them."""
+    from ultralytics_qat.report.runfolder import read_post_qat
+
+    post = read_post_qat(save_dir)
+    return (post or {}).get("metrics", {}).get(MAP)
+
+
 def summarize(name: str, save_dir: Path, fp_map: float | None, wall: float, control: float | None = None) -> dict:
+    """One table row. ``final`` is the model the run ends with: after the post-QAT stages when it had them."""
     rows = results(save_dir)
     maps = [r.get(MAP, 0.0) for r in rows]
-    best = max(maps)
-    final = maps[-1]
+    post = post_qat_map(save_dir)
+    best = max(maps)  # over the training epochs
+    final = post if post is not None else maps[-1]
     return {
         "run": name,
         "final": final,
+        "last_epoch": maps[-1],
         "best": best,
         "retained": 100 * final / fp_map if fp_map else None,
         "fair": 100 * final / control if control else None,
         "best_epoch": maps.index(best) + 1,
         "epochs": len(maps),
-        "collapse": final < 0.9 * best,
+        "collapse": maps[-1] < 0.9 * best,
         "osc": rows[-1].get("qat/osc_frac"),
         "curve": maps,
         "wall_s": wall,
@@ -66,13 +84,62 @@ def summarize(name: str, save_dir: Path, fp_map: float | None, wall: float, cont
 
 
 def train(tag: str, work: Path, trainer=None, **kw) -> tuple[Path, float]:
+    """Train one run into ``work/runs/tag``; a run finished there before with the same arguments is reused."""
     from ultralytics import YOLO
 
+    save_dir = work / "runs" / tag
+    done = save_dir / "bench_done.json"
+    key = json.dumps({k: str(v) for k, v in sorted(kw.items())})
+    if done.is_file() and json.loads(done.read_text()).get("args") == key:
+        return save_dir, json.loads(done.read_text())["wall_s"]
     model = YOLO(kw.pop("model"))
     t = time.perf_counter()
     model.train(trainer=trainer, project=str(work / "runs"), name=tag, exist_ok=True, plots=False, workers=0,
                 verbose=False, **kw)
-    return Path(model.trainer.save_dir), time.perf_counter() - t
+    wall = time.perf_counter() - t
+    done.write_text(json.dumps({"args": key, "wall_s": wall}))
+    return Path(model.trainer.save_dir), wall
+
+
+def parse_recipe(spec: str) -> tuple[str, bool, bool]:
+    """``stable``, ``default+distill``, ``default+mixed+distill`` -> (qat= value, distill, mixed)."""
+    from ultralytics_qat.config import bundled_recipes
+
+    base, *mods = spec.split("+")
+    unknown = set(mods) - {"distill", "mixed"}
+    qat = "qat.yaml" if base == "default" else base
+    if unknown or (base != "default" and base not in bundled_recipes()):
+        raise SystemExit(f"recipe '{spec}': use a bundled recipe ({', '.join(bundled_recipes())}) or 'default', "
+                         "optionally with +distill and/or +mixed")
+    return qat, "distill" in mods, "mixed" in mods
+
+
+def uniform_avg_bits(fp_weights: Path, qat: str, bits: int) -> float:
+    """Average weight bits of the uniform W``bits`` model (first/last layers at their own widths): the mixed budget."""
+    from ultralytics import YOLO
+
+    from ultralytics_qat.config import QATConfig
+    from ultralytics_qat.quant.budget import average_weight_bits
+    from ultralytics_qat.quant.inject import plan_layers
+
+    model = YOLO(str(fp_weights)).model
+    plans = plan_layers(model, QATConfig.load(qat, {"weight.bits": bits}))
+    modules = dict(model.named_modules())
+    return average_weight_bits({p.name: p.weight_bits for p in plans},
+                               {p.name: modules[p.name].weight.numel() for p in plans})
+
+
+def sensitivity(fp_weights: Path, data: str, prof: dict, work: Path, tag: str) -> Path:
+    """``yolo-qat sensitivity`` of the float model (widths 2, 3, 4, 6), reused when already measured."""
+    from ultralytics import YOLO
+
+    from ultralytics_qat.quant.sensitivity import run_sensitivity
+
+    out = work / "runs" / tag / "sensitivity.json"
+    if not out.is_file():
+        run_sensitivity(YOLO(str(fp_weights)).model, data, bits=(2, 3, 4, 6), batches=4, imgsz=prof["imgsz"],
+                        batch=prof["batch"], project=str(work / "runs"), name=tag, exist_ok=True)
+    return out
 
 
 def ptq(fp_weights: Path, data: str, bits: int, prof: dict, work: Path) -> dict:
@@ -92,7 +159,8 @@ def ptq(fp_weights: Path, data: str, bits: int, prof: dict, work: Path) -> dict:
             "osc": None, "curve": [m], "wall_s": time.perf_counter() - t}
 
 
-def run_seed(seed: int, prof: dict, work: Path, recipes: list[str], bits_list: list[int]) -> list[dict]:
+def run_seed(seed: int, prof: dict, work: Path, recipes: list[str], bits_list: list[int], scratch: bool = True
+             ) -> list[dict]:
     from ultralytics.models.yolo.detect import DetectionTrainer
 
     from ultralytics_qat import QATDetectionTrainer
@@ -120,10 +188,18 @@ def run_seed(seed: int, prof: dict, work: Path, recipes: list[str], bits_list: l
         out[-1]["retained"] = 100 * out[-1]["final"] / fp_map if fp_map else None
         out[-1]["fair"] = 100 * out[-1]["final"] / control if control else None
         for recipe in recipes:
+            qat, distill, mixed = parse_recipe(recipe)
+            extra = {"qat.distill.weight": 1.0} if distill else {}
+            if mixed:
+                extra["qat.budget.avg_weight_bits"] = round(uniform_avg_bits(fp_weights, qat, bits), 6)
+                extra["qat.budget.sensitivity"] = str(sensitivity(fp_weights, data, prof, work, f"sens-s{seed}"))
             d, wall = train(f"{recipe}-w{bits}-s{seed}", work, QATDetectionTrainer, model=str(fp_weights),
-                            epochs=prof["qat_epochs"], qat=recipe, **finetune,
-                            **{"qat.weight.bits": bits, "qat.activation.bits": bits})
-            out.append(summarize(f"{recipe} w{bits}a{bits}", d, fp_map, wall, control))
+                            epochs=prof["qat_epochs"], qat=qat, **finetune,
+                            **{"qat.weight.bits": bits, "qat.activation.bits": bits}, **extra)
+            name = f"{recipe} w{bits}a{bits}" if not mixed else f"{recipe} w{extra['qat.budget.avg_weight_bits']:.2f}a{bits}"
+            out.append(summarize(name, d, fp_map, wall, control))
+    if not scratch:
+        return out
     d, wall = train(f"scratch-w4a16-s{seed}", work, QATDetectionTrainer, model="yolov8n.yaml",
                     epochs=prof["scratch_epochs"], qat="lsq", **common,
                     **{"qat.weight.bits": 4, "qat.activation.bits": None})
@@ -140,8 +216,8 @@ def finetune_args() -> dict:
 
 def table(rows_by_seed: dict[int, list[dict]]) -> str:
     seeds = sorted(rows_by_seed)
-    lines = ["| run | final mAP50-95 | best | % of fp+ft (fair) | % of start FP | best epoch | collapse | osc. frac | "
-             "wall s |", "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| run | final mAP50-95 | last epoch | best epoch's | % of fp+ft (fair) | % of start FP | best epoch | "
+             "collapse | osc. frac | wall s |", "|---|---|---|---|---|---|---|---|---|---|"]
     for i, r in enumerate(rows_by_seed[seeds[0]]):
         runs = [rows_by_seed[s][i] for s in seeds]
         def fmt(key, scale=1.0, nd=3):
@@ -151,7 +227,7 @@ def table(rows_by_seed: dict[int, list[dict]]) -> str:
             m = statistics.mean(vals) * scale
             return f"{m:.{nd}f}" + (f" ± {statistics.stdev(vals) * scale:.{nd}f}" if len(vals) > 1 else "")
         collapse = sum(x["collapse"] for x in runs)
-        lines.append(f"| {r['run']} | {fmt('final')} | {fmt('best')} | {fmt('fair', nd=1)} | {fmt('retained', nd=1)} | "
+        lines.append(f"| {r['run']} | {fmt('final')} | {fmt('last_epoch')} | {fmt('best')} | {fmt('fair', nd=1)} | {fmt('retained', nd=1)} | "
                      f"{'/'.join(str(x['best_epoch']) for x in runs)} of {r['epochs']} | "
                      f"{'yes' if collapse else 'no'}{f' ({collapse}/{len(runs)})' if len(runs) > 1 and collapse else ''} | "
                      f"{fmt('osc', nd=4)} | {fmt('wall_s', nd=0)} |")
@@ -167,7 +243,10 @@ def main() -> None:
     p.add_argument("--bits", type=int, nargs="+", default=[4, 3])
     p.add_argument("--work", type=Path, default=None, help="work folder (default: a temp folder)")
     p.add_argument("--json", type=Path, default=None, help="also write all rows (with mAP curves) as JSON")
+    p.add_argument("--no-scratch", action="store_true", help="skip the scratch W4A16 run")
     a = p.parse_args()
+    for r in a.recipes:
+        parse_recipe(r)
 
     import tempfile
 
@@ -177,13 +256,15 @@ def main() -> None:
     make_hermetic(work / "cfg")
     prof = PROFILES["smoke" if a.smoke else "quick" if a.quick else "full"]
     t0 = time.perf_counter()
-    rows = {s: run_seed(s, prof, work, a.recipes, a.bits) for s in a.seeds}
+    rows = {}
+    for s in a.seeds:
+        rows[s] = run_seed(s, prof, work, a.recipes, a.bits, scratch=not a.no_scratch)
+        if a.json:  # after every seed: an interrupted benchmark keeps what it measured
+            a.json.write_text(json.dumps(rows, indent=1))
     print(f"\nshapes {prof['n_train']}/{prof['n_val']} images at {prof['imgsz']}, yolov8n, FP {prof['fp_epochs']} "
           f"epochs, QAT fine-tune {prof['qat_epochs']} epochs ({' '.join(f'{k}={v}' for k, v in finetune_args().items())}),"
           f" seeds {a.seeds}, total {time.perf_counter() - t0:.0f} s")
     print(table(rows))
-    if a.json:
-        a.json.write_text(json.dumps(rows, indent=1))
 
 
 if __name__ == "__main__":

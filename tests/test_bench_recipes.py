@@ -1,0 +1,69 @@
+"""scripts/bench_recipes.py's logic: recipe specs, what a row calls final, the reuse of finished runs, the mixed budget.
+
+No training here: the benchmark itself is run by hand (BENCHMARKS.md).
+"""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from qat_test_utils import load_script
+
+MAP = "metrics/mAP50-95(B)"
+
+
+@pytest.fixture(scope="module")
+def br():
+    return load_script("bench_recipes")
+
+
+def test_recipe_specs(br):
+    assert br.parse_recipe("default") == ("qat.yaml", False, False)
+    assert br.parse_recipe("lsq") == ("lsq", False, False)
+    assert br.parse_recipe("stable+mixed+distill") == ("stable", True, True)
+    for bad in ("nope", "default+fast", "qat.yaml+distill"):
+        with pytest.raises(SystemExit, match="bundled recipe"):
+            br.parse_recipe(bad)
+
+
+def _run_dir(tmp_path: Path, maps: list[float]) -> Path:
+    d = tmp_path / "run"
+    d.mkdir()
+    lines = ["epoch,time,metrics/mAP50-95(B),qat/osc_frac"] + [f"{i + 1},{i},{m},0.01" for i, m in enumerate(maps)]
+    (d / "results.csv").write_text("\n".join(lines) + "\n")
+    return d
+
+
+def test_final_is_after_post_qat_and_collapse_reads_the_epochs(br, tmp_path, monkeypatch):
+    d = _run_dir(tmp_path, [0.30, 0.40, 0.37])
+    monkeypatch.setattr(br, "post_qat_map", lambda _: None)
+    row = br.summarize("x", d, fp_map=0.5, wall=1.0, control=0.4)
+    assert row["final"] == row["last_epoch"] == 0.37 and row["best"] == 0.40 and row["best_epoch"] == 2
+    assert row["fair"] == pytest.approx(92.5) and row["retained"] == pytest.approx(74.0)
+    assert not row["collapse"]  # 0.37 is within 10% of 0.40
+    monkeypatch.setattr(br, "post_qat_map", lambda _: 0.42)  # QC after the loop lifted it
+    row = br.summarize("x", d, fp_map=0.5, wall=1.0, control=0.4)
+    assert row["final"] == 0.42 and row["last_epoch"] == 0.37 and row["best"] == 0.40
+    assert row["fair"] == pytest.approx(105.0)
+    (tmp_path / "b").mkdir()
+    d2 = _run_dir(tmp_path / "b", [0.30, 0.40, 0.35])
+    assert br.summarize("x", d2, fp_map=0.5, wall=1.0)["collapse"]  # 12.5% below the best epoch, QC or not
+
+
+def test_a_finished_run_is_reused_only_with_the_same_arguments(br, tmp_path):
+    d = tmp_path / "runs" / "tag"
+    d.mkdir(parents=True)
+    args = dict(model="missing-model.pt", epochs=3, lr0=0.001)
+    (d / "bench_done.json").write_text(json.dumps({"args": json.dumps({k: str(v) for k, v in sorted(args.items())}),
+                                                   "wall_s": 12.5}))
+    assert br.train("tag", tmp_path, **dict(args)) == (d, 12.5)
+    with pytest.raises(Exception):  # other arguments: trained again (and this model file does not exist)
+        br.train("tag", tmp_path, **{**args, "epochs": 4})
+
+
+def test_mixed_budget_is_the_uniform_models_average_bits(br):
+    w3, w4 = (br.uniform_avg_bits(Path("yolov8n.yaml"), "qat.yaml", b) for b in (3, 4))
+    assert 3 < w3 < w4 < 8  # the first and last layers stay at 8 bits and count at 8
+    assert br.uniform_avg_bits(Path("yolov8n.yaml"), "qat.yaml", 8) == 8
+    assert br.uniform_avg_bits(Path("yolov8n.yaml"), "lsq", 3) == pytest.approx(w3)
