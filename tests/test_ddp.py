@@ -154,3 +154,72 @@ def test_gloo_two_ranks_stay_identical_under_the_default_recipe(tmp_path):
     for k in r0:
         if not (k.startswith("model.") and k.endswith(local)):
             assert torch.equal(r0[k], r1[k]), k
+
+
+@torch.no_grad()
+def _settle_bn(model, img):
+    """BN running statistics of one batch, as a trained model has them (a fresh model's make eval outputs vanish)."""
+    bns = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    for bn in bns:
+        bn.reset_running_stats()
+        bn.momentum = None  # cumulative average: after one batch, that batch's statistics
+    model.train()(img)
+    for bn in bns:
+        bn.momentum = 0.03
+
+
+def _distill_worker(rank, world, port, out):
+    """qat.distill on 2 gloo ranks: each rank holds its own frozen teacher; the student trains through DDP."""
+    from copy import deepcopy
+
+    from ultralytics.cfg import get_cfg
+    from ultralytics.nn.tasks import DetectionModel
+
+    from ultralytics_qat.config import DistillConfig
+    from ultralytics_qat.distill import Distiller
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    torch.manual_seed(0)
+    model = DetectionModel("yolov8n.yaml", nc=4, verbose=False)
+    model.args = get_cfg()
+    _settle_bn(model, torch.rand(4, 3, 64, 64, generator=torch.Generator().manual_seed(1)))
+    float_weights = deepcopy(model)  # stands in for the float .pt the run starts from
+    distiller = Distiller.from_float(model, float_weights, DistillConfig(weight=1.0, loss="both"))
+    teacher_start = {k: v.clone() for k, v in distiller.teacher.state_dict().items()}
+    ctl = QATController()
+    ctl.prepare(model, verbose=False)
+    distiller.wrap(model)
+    ddp = torch.nn.parallel.DistributedDataParallel(model, forward_sync_buffers=False)
+    gen = torch.Generator().manual_seed(100 + rank)
+    ctl.calibrate(ddp, [torch.rand(2, 3, 64, 64, generator=gen)], batches=1)
+    opt = torch.optim.SGD(ddp.parameters(), lr=1e-2, momentum=0.9)
+    ddp.train()
+    parts = []
+    for _ in range(3):
+        loss, _ = ddp(_batch(gen))
+        parts.append(loss.detach().clone())
+        opt.zero_grad()
+        loss.sum().backward()
+        opt.step()
+    teacher = distiller.teacher.state_dict()
+    torch.save({"student": {k: v.detach().clone() for k, v in model.state_dict().items()},
+                "teacher_moved": [k for k, v in teacher.items() if not torch.equal(v, teacher_start[k])],
+                "teacher_grads": [n for n, p in distiller.teacher.named_parameters() if p.grad is not None],
+                "parts": torch.stack(parts), "count": distiller.count},
+               f"{out}/distill{rank}.pt")
+    dist.destroy_process_group()
+
+
+def test_gloo_two_ranks_distill_from_their_own_frozen_teacher(tmp_path):
+    mp.spawn(_distill_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    r0, r1 = (torch.load(tmp_path / f"distill{r}.pt") for r in (0, 1))
+    for r in (r0, r1):
+        assert r["count"] == 3 and r["parts"].shape == (3, 4)  # box, cls, dfl + the distillation component
+        assert (r["parts"][:, 3] > 0).all() and r["parts"].isfinite().all()  # the student (quantized) differs from its float teacher
+        assert r["teacher_moved"] == [] and r["teacher_grads"] == []  # frozen, BN statistics included
+        assert not any("teacher" in k for k in r["student"])  # the teacher is not in the student's state
+    local = ("running_mean", "running_var", "num_batches_tracked")  # BN follows each rank's data, as in Ultralytics
+    for k in r0["student"]:
+        if not k.endswith(local):
+            assert torch.equal(r0["student"][k], r1["student"][k]), k

@@ -52,6 +52,18 @@ def test_terms_are_zero_at_a_match_and_positive_otherwise():
     assert float(head_term(other, out, 1.0)) > 1e-3 and float(feat_term(other, out)) > 1e-3
 
 
+def test_feat_term_stays_bounded_where_the_teacher_has_a_constant_channel():
+    gen = torch.Generator().manual_seed(0)
+    t = [torch.randn(2, 8, 4, 4, generator=gen)]
+    t[0][:, 3] = 0.25  # a dead channel: the teacher never varies it
+    s = [t[0].clone()]
+    s[0][:, 3] += 0.01  # the student is off by a hundredth on it
+    term = float(feat_term({"feats": s}, {"feats": t}))
+    spread = float(t[0].std((0, 2, 3)).mean())
+    # in units of a tenth of the level's spread: ~ (0.01 / (0.1 * spread))^2 / 8 channels, not (0.01 / 1e-6)^2
+    assert 0 < term < 1.0 and term == pytest.approx((0.01 / (0.1 * spread)) ** 2 / 8, rel=0.2)
+
+
 @pytest.mark.slow
 def test_the_term_is_a_loss_component_whose_gradient_reaches_the_student_only():
     student, distiller = _student_and_distiller("both")  # head and feat terms (the doors' tests train each alone)

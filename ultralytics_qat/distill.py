@@ -15,7 +15,8 @@ Terms (``qat.distill.loss``), computed over the whole batch as Ultralytics compu
   ``sum_a c_a * mean_side KL(softmax(t_box / T) || softmax(s_box / T)) / W`` over the reg_max bins of each box side
   (the DFL distribution), both times ``T^2``. Both are 0 when the student matches the teacher.
 - ``feat``: the head's input features (the neck outputs P3-P5), both expressed in the teacher's per-channel units
-  ``(x - mean_t) / std_t`` (statistics over batch and space); mean squared difference, averaged over levels.
+  ``(x - mean_t) / std_t`` (statistics over batch and space; ``std_t`` at least a tenth of the level's mean channel
+  std, so a channel the teacher barely varies cannot blow the term up); mean squared difference, averaged over levels.
 - ``both``: their sum.
 
 Resume: a resumed run has no float model, so the entry records the float weights file (absolute path and SHA-256)
@@ -92,7 +93,10 @@ def feat_term(s: dict, t: dict) -> torch.Tensor:
     terms = []
     for fs, ft in zip(s["feats"], t["feats"]):
         ft = ft.float()
-        std = ft.std((0, 2, 3), keepdim=True).clamp_min(1e-6)  # the teacher's mean cancels in the difference
+        # the teacher's mean cancels in the difference; a channel the teacher barely varies (dead after SiLU, or
+        # constant over a small batch) is measured in a tenth of the level's spread, not in its own ~0 std
+        std = ft.std((0, 2, 3), keepdim=True)
+        std = torch.maximum(std, 0.1 * std.mean().clamp_min(1e-6))  # a tensor: no host sync
         terms.append(((fs.float() - ft) / std).pow(2).mean())
     return torch.stack(terms).mean()
 
