@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import os
 import statistics
 import sys
 import time
@@ -87,7 +88,7 @@ def train(tag: str, work: Path, trainer=None, **kw) -> tuple[Path, float]:
     """Train one run into ``work/runs/tag``; a run finished there before with the same arguments is reused."""
     from ultralytics import YOLO
 
-    save_dir = work / "runs" / tag
+    save_dir = work / "runs" / tag  # work is absolute: Ultralytics puts a relative project under runs_dir
     done = save_dir / "bench_done.json"
     key = json.dumps({k: str(v) for k, v in sorted(kw.items())})
     if done.is_file() and json.loads(done.read_text()).get("args") == key:
@@ -137,8 +138,8 @@ def sensitivity(fp_weights: Path, data: str, prof: dict, work: Path, tag: str) -
 
     out = work / "runs" / tag / "sensitivity.json"
     if not out.is_file():
-        run_sensitivity(YOLO(str(fp_weights)).model, data, bits=(2, 3, 4, 6), batches=4, imgsz=prof["imgsz"],
-                        batch=prof["batch"], project=str(work / "runs"), name=tag, exist_ok=True)
+        out = run_sensitivity(YOLO(str(fp_weights)).model, data, bits=(2, 3, 4, 6), batches=4, imgsz=prof["imgsz"],
+                        batch=prof["batch"], project=str(work / "runs"), name=tag, exist_ok=True)["json"]
     return out
 
 
@@ -244,6 +245,8 @@ def main() -> None:
     p.add_argument("--work", type=Path, default=None, help="work folder (default: a temp folder)")
     p.add_argument("--json", type=Path, default=None, help="also write all rows (with mAP curves) as JSON")
     p.add_argument("--no-scratch", action="store_true", help="skip the scratch W4A16 run")
+    p.add_argument("--threads", type=int, default=os.cpu_count(),
+                   help="torch CPU threads (default: every core; Ultralytics takes cores - 1, one thread on 2 cores)")
     a = p.parse_args()
     for r in a.recipes:
         parse_recipe(r)
@@ -252,7 +255,10 @@ def main() -> None:
 
     from ultralytics_qat.utils import make_hermetic
 
-    work = a.work or Path(tempfile.mkdtemp(prefix="bench_recipes_"))
+    import ultralytics.utils.torch_utils as torch_utils
+
+    torch_utils.NUM_THREADS = a.threads  # select_device sets it on every trainer; mAP does not depend on it
+    work = (a.work or Path(tempfile.mkdtemp(prefix="bench_recipes_"))).resolve()
     make_hermetic(work / "cfg")
     prof = PROFILES["smoke" if a.smoke else "quick" if a.quick else "full"]
     t0 = time.perf_counter()
