@@ -145,17 +145,12 @@ def sensitivity(fp_weights: Path, data: str, prof: dict, work: Path, tag: str) -
 
 def ptq(fp_weights: Path, data: str, bits: int, prof: dict, work: Path) -> dict:
     """Calibrate only: build the QAT model from the FP weights, calibrate, validate (no training)."""
-    from ultralytics_qat import QATDetectionTrainer, QATDetectionValidator
+    from ultralytics_qat.engine.ptq import ptq_metrics
 
     t = time.perf_counter()
-    trainer = QATDetectionTrainer(overrides=dict(
-        model=str(fp_weights), data=data, imgsz=prof["imgsz"], batch=prof["batch"], epochs=1, workers=0,
-        plots=False, project=str(work / "runs"), name=f"ptq-w{bits}", exist_ok=True,
-        **{"qat.weight.bits": bits, "qat.activation.bits": bits}))
-    trainer._setup_train()  # builds the model from the FP weights, quantizes, and calibrates (on_pretrain_routine_end)
-    validator = QATDetectionValidator(args=dict(data=data, imgsz=prof["imgsz"], batch=prof["batch"], plots=False,
-                                                verbose=False, project=str(work / "runs"), name=f"ptq-val-w{bits}"))
-    m = validator(model=trainer.ema.ema).get(MAP, 0.0)
+    m = ptq_metrics(fp_weights, dict(data=data, imgsz=prof["imgsz"], batch=prof["batch"], workers=0, plots=False,
+                                     project=str(work / "runs"), name=f"ptq-w{bits}", exist_ok=True,
+                                     **{"qat.weight.bits": bits, "qat.activation.bits": bits})).get(MAP, 0.0)
     return {"run": f"ptq w{bits}a{bits}", "final": m, "best": m, "best_epoch": 0, "epochs": 0, "collapse": False,
             "osc": None, "curve": [m], "wall_s": time.perf_counter() - t}
 

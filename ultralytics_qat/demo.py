@@ -130,15 +130,10 @@ def _validate(weights: Path, val: dict, qat: bool = False) -> float:
 
 
 def _ptq(fp_weights: Path, profile: DemoProfile, common: dict, val: dict, name: str) -> float:
-    """Quantize and calibrate as QAT's start does, then validate with no training step."""
-    from .engine import QATDetectionTrainer, QATDetectionValidator
+    from .engine.ptq import ptq_metrics
 
     bits = {"qat.weight.bits": profile.bits, "qat.activation.bits": profile.bits}
-    trainer = QATDetectionTrainer(overrides={**common, "model": str(fp_weights), "epochs": 1, "name": f"{name}-ptq",
-                                             **bits})
-    trainer._setup_train()  # builds the model from the float weights, quantizes and calibrates (pretrain end)
-    validator = QATDetectionValidator(args={**val, "name": "qat-demo-val"})
-    return float(validator(model=trainer.ema.ema)[MAP])
+    return float(ptq_metrics(fp_weights, {**common, "name": f"{name}-ptq", **bits}, {**val, "name": "qat-demo-val"})[MAP])
 
 
 def _qat(fp_weights: Path, profile: DemoProfile, common: dict, name: str) -> Path:
