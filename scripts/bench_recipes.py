@@ -20,9 +20,10 @@ plugin's ``qat.finetune`` defaults, passed explicitly so that the float control 
     python scripts/bench_recipes.py --seeds 0 1 2 --recipes lsq default default+distill default+mixed --no-scratch
 
 A recipe is a bundled recipe name, or ``default`` (the bundled ``qat.yaml``), optionally with ``+distill``
-(``qat.distill.weight=1``: the float start model as teacher) and/or ``+mixed`` (``qat.budget``: per-layer weight bits
-from a ``yolo-qat sensitivity`` measurement of the seed's float model, at the average weight bits of the uniform run,
-so it is the same size). A finished run in ``--work`` is reused, so an interrupted benchmark resumes where it stopped.
+(``qat.distill.weight=1``: the float start model as teacher; ``+distill=0.5`` sets the weight) and/or ``+mixed``
+(``qat.budget``: per-layer weight bits from a ``yolo-qat sensitivity`` measurement of the seed's float model, at the
+average weight bits of the uniform run, so it is the same size). A finished run in ``--work`` is reused, so an
+interrupted benchmark resumes where it stopped, and new recipes can be added to a finished one.
 """
 
 from __future__ import annotations
@@ -102,17 +103,28 @@ def train(tag: str, work: Path, trainer=None, **kw) -> tuple[Path, float]:
     return Path(model.trainer.save_dir), wall
 
 
-def parse_recipe(spec: str) -> tuple[str, bool, bool]:
-    """``stable``, ``default+distill``, ``default+mixed+distill`` -> (qat= value, distill, mixed)."""
+def parse_recipe(spec: str) -> tuple[str, float, bool]:
+    """``stable``, ``default+distill``, ``default+distill=0.5+mixed`` -> (qat= value, distill weight, mixed)."""
     from ultralytics_qat.config import bundled_recipes
 
     base, *mods = spec.split("+")
-    unknown = set(mods) - {"distill", "mixed"}
     qat = "qat.yaml" if base == "default" else base
-    if unknown or (base != "default" and base not in bundled_recipes()):
+    distill, mixed, ok = 0.0, False, base == "default" or base in bundled_recipes()
+    for mod in mods:
+        name, _, value = mod.partition("=")
+        if name == "mixed" and not value:
+            mixed = True
+        elif name == "distill":
+            try:
+                distill = float(value) if value else 1.0
+            except ValueError:
+                ok = False
+        else:
+            ok = False
+    if not ok or (any(m.startswith("distill") for m in mods) and distill <= 0):
         raise SystemExit(f"recipe '{spec}': use a bundled recipe ({', '.join(bundled_recipes())}) or 'default', "
-                         "optionally with +distill and/or +mixed")
-    return qat, "distill" in mods, "mixed" in mods
+                         "optionally with +distill (weight 1), +distill=W and/or +mixed")
+    return qat, distill, mixed
 
 
 def uniform_avg_bits(fp_weights: Path, qat: str, bits: int) -> float:
@@ -185,7 +197,7 @@ def run_seed(seed: int, prof: dict, work: Path, recipes: list[str], bits_list: l
         out[-1]["fair"] = 100 * out[-1]["final"] / control if control else None
         for recipe in recipes:
             qat, distill, mixed = parse_recipe(recipe)
-            extra = {"qat.distill.weight": 1.0} if distill else {}
+            extra = {"qat.distill.weight": distill} if distill else {}
             if mixed:
                 extra["qat.budget.avg_weight_bits"] = round(uniform_avg_bits(fp_weights, qat, bits), 6)
                 extra["qat.budget.sensitivity"] = str(sensitivity(fp_weights, data, prof, work, f"sens-s{seed}"))

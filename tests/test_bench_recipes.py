@@ -19,10 +19,11 @@ def br():
 
 
 def test_recipe_specs(br):
-    assert br.parse_recipe("default") == ("qat.yaml", False, False)
-    assert br.parse_recipe("lsq") == ("lsq", False, False)
-    assert br.parse_recipe("stable+mixed+distill") == ("stable", True, True)
-    for bad in ("nope", "default+fast", "qat.yaml+distill"):
+    assert br.parse_recipe("default") == ("qat.yaml", 0.0, False)
+    assert br.parse_recipe("lsq") == ("lsq", 0.0, False)
+    assert br.parse_recipe("stable+mixed+distill") == ("stable", 1.0, True)
+    assert br.parse_recipe("default+distill=0.5") == ("qat.yaml", 0.5, False)
+    for bad in ("nope", "default+fast", "qat.yaml+distill", "default+distill=x", "default+distill=0", "default+mixed=2"):
         with pytest.raises(SystemExit, match="bundled recipe"):
             br.parse_recipe(bad)
 
