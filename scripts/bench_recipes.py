@@ -143,15 +143,17 @@ def uniform_avg_bits(fp_weights: Path, qat: str, bits: int) -> float:
 
 
 def sensitivity(fp_weights: Path, data: str, prof: dict, work: Path, tag: str) -> Path:
-    """``yolo-qat sensitivity`` of the float model (widths 2, 3, 4, 6), reused when already measured."""
+    """``yolo-qat sensitivity`` of the float model (widths 2, 3, 4, 6) on training images (the table's mAP is on
+    the val split, so the layer choice never sees it), reused when already measured."""
     from ultralytics import YOLO
 
     from ultralytics_qat.quant.sensitivity import run_sensitivity
 
     out = work / "runs" / tag / "sensitivity.json"
     if not out.is_file():
-        out = run_sensitivity(YOLO(str(fp_weights)).model, data, bits=(2, 3, 4, 6), batches=4, imgsz=prof["imgsz"],
-                        batch=prof["batch"], project=str(work / "runs"), name=tag, exist_ok=True)["json"]
+        out = run_sensitivity(YOLO(str(fp_weights)).model, data, bits=(2, 3, 4, 6), batches=4, split="train",
+                              imgsz=prof["imgsz"], batch=prof["batch"], project=str(work / "runs"), name=tag,
+                              exist_ok=True)["json"]
     return out
 
 

@@ -8,7 +8,7 @@ import torch
 
 from ultralytics_qat.config import QATConfig
 
-from ultralytics_qat.quant.sensitivity import fake_quantized_weight, layer_sensitivity, ranking, val_batches
+from ultralytics_qat.quant.sensitivity import fake_quantized_weight, layer_sensitivity, ranking, split_batches
 
 # A tiny detector (4 backbone convs, one detection level) so that a full pass is a few hundred small forwards.
 TOY = {"nc": 80, "backbone": [[-1, 1, "Conv", [8, 3, 2]], [-1, 1, "Conv", [16, 3, 2]], [-1, 1, "Conv", [16, 3, 2]],
@@ -48,8 +48,17 @@ def test_fake_quantized_weight_is_on_the_grid():
         assert max(per_channel_levels) <= 2 ** bits - 1 and not torch.equal(q, w)
 
 
+def test_batches_come_from_the_split_asked_for(coco8):
+    from ultralytics_qat.errors import QATConfigError
+
+    val, train = (split_batches(str(coco8), 64, 4, 1, 0, 32, "cpu", split)[0] for split in ("val", "train"))
+    assert all("/val/" in f for f in val["im_file"]) and all("/train/" in f for f in train["im_file"])
+    with pytest.raises(QATConfigError, match="split='test'.*no such split"):
+        split_batches(str(coco8), 64, 4, 1, 0, 32, "cpu", "test")
+
+
 def test_ranking_is_stable_across_seeds_and_the_model_is_left_unchanged(coco8):
-    batches = {s: val_batches(str(coco8), 64, 2, 1, s, 32, "cpu") for s in (0, 1)}
+    batches = {s: split_batches(str(coco8), 64, 2, 1, s, 32, "cpu") for s in (0, 1)}
     assert not torch.equal(batches[0][0]["img"], batches[1][0]["img"])  # the seeds pick different images
     model = toy_model(torch.cat([batches[0][0]["img"], batches[1][0]["img"]]))
     before = {k: v.clone() for k, v in model.state_dict().items()}
@@ -71,7 +80,7 @@ def test_ranking_is_stable_across_seeds_and_the_model_is_left_unchanged(coco8):
 def test_cli_writes_table_plot_csv_and_json(coco8, tmp_path, capsys):
     from ultralytics_qat.cli import main
 
-    imgs = val_batches(str(coco8), 64, 4, 1, 0, 32, "cpu")[0]["img"]
+    imgs = split_batches(str(coco8), 64, 4, 1, 0, 32, "cpu")[0]["img"]
     model = toy_model(imgs)
     path = tmp_path / "toy.pt"
     torch.save({"model": model, "train_args": {}}, path)

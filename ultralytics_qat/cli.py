@@ -390,7 +390,7 @@ def _report(rest: list[str]) -> None:
 
 
 def _sensitivity(args: dict) -> None:
-    """``yolo-qat sensitivity model=fp.pt data=x.yaml [bits=[2,3,4]] [batches=4] [imgsz batch seed device project name]``."""
+    """``yolo-qat sensitivity model=fp.pt data=x.yaml [bits=[2,3,4]] [batches=4] [split imgsz batch seed device ...]``."""
     from .quant.sensitivity import format_table, load, run_sensitivity
 
     if "model" not in args:
@@ -398,7 +398,7 @@ def _sensitivity(args: dict) -> None:
     extra = {k: args.pop(k) for k in ("bits", "batches") if k in args}
     qat, dotted, rest, _ = _train_args({**args, "model": args["model"]})  # qat=/qat.* pick the layer policy
     _check_ultralytics_args(rest)
-    allowed = {"data", "imgsz", "batch", "seed", "device", "project", "name", "exist_ok"}
+    allowed = {"data", "imgsz", "batch", "seed", "split", "device", "project", "name", "exist_ok"}
     bad = sorted(set(rest) - allowed)
     if bad:
         raise CLIError(f"'{bad[0]}' is not supported by sensitivity; it takes model, data, bits, batches, "

@@ -2,8 +2,8 @@
 
 For every conv that QAT would quantize (the same policy as :func:`plan_layers`), and every bit width b, the conv's
 weights are fake-quantized in place (per output channel or per tensor, the config's grid and scale init, everything
-else float), the detection loss of the float model is measured on a fixed set of validation batches, and the weights
-are put back. The reported sensitivity is ``delta = loss_quantized - loss_float`` (per image, the loss Ultralytics
+else float), the detection loss of the float model is measured on a fixed set of batches (of the val split unless
+``split`` says otherwise), and the weights are put back. The reported sensitivity is ``delta = loss_quantized - loss_float`` (per image, the loss Ultralytics
 trains on: box + cls + dfl with its gains).
 
 Why the loss change and not mAP: mAP needs a full validation pass per (layer, bits) pair (57 layers x 3 widths = 171
@@ -170,15 +170,20 @@ def load(path: str | Path) -> dict:
     return data
 
 
-def val_batches(data: str, imgsz: int, batch: int, batches: int, seed: int, stride: int, device) -> list[dict]:
-    """``batches`` preprocessed batches of the dataset's val split, drawn in a ``seed``-shuffled order (no augmentation)."""
+def split_batches(data: str, imgsz: int, batch: int, batches: int, seed: int, stride: int, device, split: str = "val"
+                  ) -> list[dict]:
+    """``batches`` preprocessed batches of the dataset's ``split``, drawn in a ``seed``-shuffled order (no augmentation)."""
     from ultralytics.cfg import get_cfg
     from ultralytics.data import build_yolo_dataset
     from ultralytics.data.utils import check_det_dataset
 
+    from ..errors import QATConfigError
+
     info = check_det_dataset(data)
+    if not info.get(split):
+        raise QATConfigError(f"split={split!r}: the dataset '{data}' has no such split; use split=val or split=train")
     cfg = get_cfg(overrides={"data": data, "imgsz": imgsz, "batch": batch, "mode": "val", "task": "detect"})
-    dataset = build_yolo_dataset(cfg, info["val"], batch, info, mode="val", stride=stride)
+    dataset = build_yolo_dataset(cfg, info[split], batch, info, mode="val", stride=stride)
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch, shuffle=True, num_workers=0,
                                          collate_fn=dataset.collate_fn, generator=torch.Generator().manual_seed(seed))
     out = []
@@ -206,9 +211,12 @@ def _bit_list(bits) -> list[int]:
 
 
 def run_sensitivity(model: nn.Module, data: str, qat=None, overrides: dict | None = None, bits=(2, 3, 4),
-                    batches: int = 4, imgsz: int = 640, batch: int = 16, seed: int = 0, device=None, project=None,
-                    name=None, exist_ok: bool = False) -> dict[str, Path]:
-    """Measure and write a sensitivity report of the float ``model`` on ``data``'s val split (see module doc)."""
+                    batches: int = 4, imgsz: int = 640, batch: int = 16, seed: int = 0, split: str = "val", device=None,
+                    project=None, name=None, exist_ok: bool = False) -> dict[str, Path]:
+    """Measure and write a sensitivity report of the float ``model`` on a split of ``data`` (see module doc).
+
+    ``split="train"`` keeps the validation images out of the layer choice the budget makes from this report.
+    """
     from types import SimpleNamespace
 
     from ultralytics.cfg import get_save_dir
@@ -229,10 +237,11 @@ def run_sensitivity(model: nn.Module, data: str, qat=None, overrides: dict | Non
     train_args = model.args if isinstance(getattr(model, "args", None), dict) else vars(getattr(model, "args", {}) or {})
     model.args = IterableSimpleNamespace(**{**DEFAULT_CFG_DICT, **train_args})  # the loss gains it was trained with
     stride = max(int(model.stride.max()), 32) if hasattr(model, "stride") else 32
-    val = val_batches(str(data), int(imgsz), int(batch), batches, int(seed), stride, dev)
-    LOGGER.info(f"QAT sensitivity: {len(val)} val batches of {batch} at imgsz {imgsz}, weight widths {bits}")
+    val = split_batches(str(data), int(imgsz), int(batch), batches, int(seed), stride, dev, str(split))
+    LOGGER.info(f"QAT sensitivity: {len(val)} {split} batches of {batch} at imgsz {imgsz}, weight widths {bits}")
     result = layer_sensitivity(model, val, bits, cfg)
-    result.update(data=str(data), batches=len(val), batch=int(batch), imgsz=int(imgsz), seed=int(seed))
+    result.update(data=str(data), split=str(split), batches=len(val), batch=int(batch), imgsz=int(imgsz),
+                  seed=int(seed))
     save_dir = get_save_dir(SimpleNamespace(project=project, name=name or "sensitivity", task="detect",
                                             mode="sensitivity", exist_ok=exist_ok, save_dir=None))
     return write_report(result, save_dir)
