@@ -224,12 +224,20 @@ def finetune_args() -> dict:
     return {k: v for k, v in vars(QATConfig.load().finetune).items() if v is not None}
 
 
+def epoch1(row: dict, fp_map: float) -> float | None:
+    """A QAT fine-tune's first validation as % of the start FP model (issue 11's first-epoch target)."""
+    if row["run"] in ("fp", "fp+ft (fair control)") or row["run"].startswith(("ptq", "scratch")) or not fp_map:
+        return None
+    return 100 * row["curve"][0] / fp_map
+
+
 def table(rows_by_seed: dict[int, list[dict]]) -> str:
     seeds = sorted(rows_by_seed)
-    lines = ["| run | final mAP50-95 | last epoch | best epoch's | % of fp+ft (fair) | % of start FP | best epoch | "
-             "collapse | osc. frac | wall s |", "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| run | final mAP50-95 | last epoch | best epoch's | % of fp+ft (fair) | % of start FP | epoch 1 % of "
+             "start FP | best epoch | collapse | osc. frac | wall s |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for i, r in enumerate(rows_by_seed[seeds[0]]):
-        runs = [rows_by_seed[s][i] for s in seeds]
+        runs = [{**rows_by_seed[s][i], "e1": epoch1(rows_by_seed[s][i], rows_by_seed[s][0]["best"])} for s in seeds]
+
         def fmt(key, scale=1.0, nd=3):
             vals = [x[key] for x in runs if x.get(key) is not None]
             if not vals:
@@ -237,10 +245,34 @@ def table(rows_by_seed: dict[int, list[dict]]) -> str:
             m = statistics.mean(vals) * scale
             return f"{m:.{nd}f}" + (f" ± {statistics.stdev(vals) * scale:.{nd}f}" if len(vals) > 1 else "")
         collapse = sum(x["collapse"] for x in runs)
-        lines.append(f"| {r['run']} | {fmt('final')} | {fmt('last_epoch')} | {fmt('best')} | {fmt('fair', nd=1)} | {fmt('retained', nd=1)} | "
+        lines.append(f"| {r['run']} | {fmt('final')} | {fmt('last_epoch')} | {fmt('best')} | {fmt('fair', nd=1)} | "
+                     f"{fmt('retained', nd=1)} | {fmt('e1', nd=1)} | "
                      f"{'/'.join(str(x['best_epoch']) for x in runs)} of {r['epochs']} | "
                      f"{'yes' if collapse else 'no'}{f' ({collapse}/{len(runs)})' if len(runs) > 1 and collapse else ''} | "
                      f"{fmt('osc', nd=4)} | {fmt('wall_s', nd=0)} |")
+    return "\n".join(lines)
+
+
+def _recipe_and_bits(name: str) -> tuple[str, int]:
+    """``default+mixed w4.30a4`` -> (``default+mixed``, 4): the activation bits name the width."""
+    recipe, width = name.rsplit(" ", 1)
+    return recipe, int(width.rsplit("a", 1)[1])
+
+
+def comparisons(rows_by_seed: dict[int, list[dict]]) -> str:
+    """Per seed, in points of the fair control: default vs lsq, and every ``X+mod`` vs ``X`` at the same width."""
+    seeds = sorted(rows_by_seed)
+    fair = {s: {_recipe_and_bits(r["run"]): r["fair"] for r in rows_by_seed[s]
+                if r.get("fair") is not None and " w" in r["run"] and not r["run"].startswith(("ptq", "scratch"))}
+            for s in seeds}
+    pairs = {(a, b, bits) for s in seeds for (a, bits) in fair[s] for b in
+             ([a.rsplit("+", 1)[0]] if "+" in a else ["lsq"] if a == "default" else [])}
+    lines = []
+    for a, b, bits in sorted(pairs, key=lambda x: (-x[2], x[0])):
+        diffs = [fair[s][(a, bits)] - fair[s][(b, bits)] for s in seeds if (a, bits) in fair[s] and (b, bits) in fair[s]]
+        if diffs:
+            lines.append(f"- {a} vs {b} at A{bits}: {' / '.join(f'{d:+.1f}' for d in diffs)} points of the fair control "
+                         f"(mean {statistics.mean(diffs):+.1f}; ahead in {sum(d > 0 for d in diffs)} of {len(diffs)})")
     return "\n".join(lines)
 
 
@@ -254,11 +286,16 @@ def main() -> None:
     p.add_argument("--work", type=Path, default=None, help="work folder (default: a temp folder)")
     p.add_argument("--json", type=Path, default=None, help="also write all rows (with mAP curves) as JSON")
     p.add_argument("--no-scratch", action="store_true", help="skip the scratch W4A16 run")
+    p.add_argument("--from-json", type=Path, default=None, help="print the table of a --json file; train nothing")
     p.add_argument("--threads", type=int, default=os.cpu_count(),
                    help="torch CPU threads (default: every core; Ultralytics takes cores - 1, one thread on 2 cores)")
     a = p.parse_args()
     for r in a.recipes:
         parse_recipe(r)
+    if a.from_json:
+        rows = {int(k): v for k, v in json.loads(a.from_json.read_text()).items()}
+        print(table(rows) + "\n\n" + comparisons(rows))
+        return
 
     import tempfile
 
@@ -279,7 +316,7 @@ def main() -> None:
     print(f"\nshapes {prof['n_train']}/{prof['n_val']} images at {prof['imgsz']}, yolov8n, FP {prof['fp_epochs']} "
           f"epochs, QAT fine-tune {prof['qat_epochs']} epochs ({' '.join(f'{k}={v}' for k, v in finetune_args().items())}),"
           f" seeds {a.seeds}, total {time.perf_counter() - t0:.0f} s")
-    print(table(rows))
+    print(table(rows) + "\n\n" + comparisons(rows))
 
 
 if __name__ == "__main__":

@@ -68,3 +68,20 @@ def test_mixed_budget_is_the_uniform_models_average_bits(br):
     assert 3 < w3 < w4 < 8  # the first and last layers stay at 8 bits and count at 8
     assert br.uniform_avg_bits(Path("yolov8n.yaml"), "qat.yaml", 8) == 8
     assert br.uniform_avg_bits(Path("yolov8n.yaml"), "lsq", 3) == pytest.approx(w3)
+
+
+def _row(run, fair, curve=(0.3,)):
+    return {"run": run, "fair": fair, "curve": list(curve), "final": curve[-1], "best": max(curve)}
+
+
+def test_comparisons_pair_each_variant_with_its_base_per_seed(br):
+    rows = {s: [_row("fp", None, (0.4,)), _row("fp+ft (fair control)", 100.0), _row("ptq w4a4", 20.0),
+                _row("lsq w4a4", 90.0 - s), _row("default w4a4", 92.0), _row("default+distill w4a4", 95.0 + s),
+                _row("default+mixed w4.30a4", 91.0), _row("default w3a3", 80.0), _row("lsq w3a3", 81.0)]
+            for s in (0, 1)}
+    text = br.comparisons(rows)
+    assert "- default vs lsq at A4: +2.0 / +3.0 points of the fair control (mean +2.5; ahead in 2 of 2)" in text
+    assert "- default+distill vs default at A4: +3.0 / +4.0" in text
+    assert "- default+mixed vs default at A4: -1.0 / -1.0 points of the fair control (mean -1.0; ahead in 0 of 2)" in text
+    assert "- default vs lsq at A3: -1.0 / -1.0" in text and "ptq" not in text
+    assert br.epoch1(rows[0][4], 0.4) == pytest.approx(75.0) and br.epoch1(rows[0][2], 0.4) is None
