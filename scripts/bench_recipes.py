@@ -276,6 +276,17 @@ def comparisons(rows_by_seed: dict[int, list[dict]]) -> str:
     return "\n".join(lines)
 
 
+def merge_rows(files: list[dict]) -> dict[int, list[dict]]:
+    """Rows of several --json files per seed, each run once (the first file's order, then new runs in file order)."""
+    merged: dict[int, list[dict]] = {}
+    for rows in files:
+        for seed, runs in rows.items():
+            have = merged.setdefault(int(seed), [])
+            names = {r["run"] for r in have}
+            have.extend(r for r in runs if r["run"] not in names)
+    return merged
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="small profile, < 10 min on 2 CPU cores")
@@ -286,14 +297,15 @@ def main() -> None:
     p.add_argument("--work", type=Path, default=None, help="work folder (default: a temp folder)")
     p.add_argument("--json", type=Path, default=None, help="also write all rows (with mAP curves) as JSON")
     p.add_argument("--no-scratch", action="store_true", help="skip the scratch W4A16 run")
-    p.add_argument("--from-json", type=Path, default=None, help="print the table of a --json file; train nothing")
+    p.add_argument("--from-json", type=Path, nargs="+", default=None,
+                   help="print the table of --json files (runs of the same work folder merged); train nothing")
     p.add_argument("--threads", type=int, default=os.cpu_count(),
                    help="torch CPU threads (default: every core; Ultralytics takes cores - 1, one thread on 2 cores)")
     a = p.parse_args()
     for r in a.recipes:
         parse_recipe(r)
     if a.from_json:
-        rows = {int(k): v for k, v in json.loads(a.from_json.read_text()).items()}
+        rows = merge_rows([json.loads(f.read_text()) for f in a.from_json])
         print(table(rows) + "\n\n" + comparisons(rows))
         return
 

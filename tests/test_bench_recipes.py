@@ -85,3 +85,12 @@ def test_comparisons_pair_each_variant_with_its_base_per_seed(br):
     assert "- default+mixed vs default at A4: -1.0 / -1.0 points of the fair control (mean -1.0; ahead in 0 of 2)" in text
     assert "- default vs lsq at A3: -1.0 / -1.0" in text and "ptq" not in text
     assert br.epoch1(rows[0][4], 0.4) == pytest.approx(75.0) and br.epoch1(rows[0][2], 0.4) is None
+
+
+def test_json_files_of_one_work_folder_merge_per_seed(br):
+    a = {"0": [_row("fp", None), _row("lsq w4a4", 90.0)], "1": [_row("fp", None), _row("lsq w4a4", 88.0)]}
+    b = {"0": [_row("fp", None), _row("default w4a4", 93.0)], "1": [_row("fp", None), _row("default w4a4", 91.0)]}
+    merged = br.merge_rows([a, b])
+    assert sorted(merged) == [0, 1]
+    assert [r["run"] for r in merged[1]] == ["fp", "lsq w4a4", "default w4a4"]
+    assert "default vs lsq at A4: +3.0 / +3.0" in br.comparisons(merged)
