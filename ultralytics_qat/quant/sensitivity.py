@@ -3,8 +3,8 @@
 For every conv that QAT would quantize (the same policy as :func:`plan_layers`), and every bit width b, the conv's
 weights are fake-quantized in place (per output channel or per tensor, the config's grid and scale init, everything
 else float), the detection loss of the float model is measured on a fixed set of batches (of the val split unless
-``split`` says otherwise), and the weights are put back. The reported sensitivity is ``delta = loss_quantized - loss_float`` (per image, the loss Ultralytics
-trains on: box + cls + dfl with its gains).
+``split`` says otherwise), and the weights are put back. The reported sensitivity is
+``delta = loss_quantized - loss_float`` (per image, the loss Ultralytics trains on: box + cls + dfl with its gains).
 
 Why the loss change and not mAP: mAP needs a full validation pass per (layer, bits) pair (57 layers x 3 widths = 171
 passes for YOLOv8n), and it is coarse on the few images a cheap pass could afford (a single box flips it). The loss is
