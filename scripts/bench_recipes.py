@@ -92,8 +92,9 @@ def train(tag: str, work: Path, trainer=None, **kw) -> tuple[Path, float]:
     save_dir = work / "runs" / tag  # work is absolute: Ultralytics puts a relative project under runs_dir
     done = save_dir / "bench_done.json"
     key = json.dumps({k: str(v) for k, v in sorted(kw.items())})
-    if done.is_file() and json.loads(done.read_text()).get("args") == key:
-        return save_dir, json.loads(done.read_text())["wall_s"]
+    record = json.loads(done.read_text()) if done.is_file() else {}
+    if record.get("args") == key:
+        return save_dir, record["wall_s"]
     model = YOLO(kw.pop("model"))
     t = time.perf_counter()
     model.train(trainer=trainer, project=str(work / "runs"), name=tag, exist_ok=True, plots=False, workers=0,
