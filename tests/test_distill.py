@@ -13,6 +13,7 @@ from ultralytics_qat.controller import QATController
 from ultralytics_qat.distill import (ENTRY_KEY, DistillCriterion, Distiller, build_distiller, feat_term, head_outputs,
                                      head_term)
 from ultralytics_qat.errors import QATCheckpointError, QATError
+from ultralytics_qat.quant import class_count
 
 
 def _model(nc=4):
@@ -102,6 +103,16 @@ def test_the_teacher_is_never_part_of_the_student():
 def test_distill_needs_float_weights():
     with pytest.raises(QATError, match="needs the float weights"):
         build_distiller(_model(), None, False, QATConfig.from_dict({"distill": {"weight": 1.0}}).distill)
+
+
+def test_head_distillation_refuses_a_teacher_of_another_class_count():
+    coco_teacher = _model(nc=80)  # e.g. yolov8n.pt fine-tuned on a 4-class dataset: its class outputs are not these
+    for loss in ("head", "both"):
+        cfg = QATConfig.from_dict({"distill": {"weight": 1.0, "loss": loss}}).distill
+        with pytest.raises(QATError, match="predicts 80 classes and the dataset has 4"):
+            build_distiller(_model(nc=4), coco_teacher, False, cfg)
+    feat = QATConfig.from_dict({"distill": {"weight": 1.0, "loss": "feat"}}).distill
+    assert class_count(build_distiller(_model(nc=4), coco_teacher, False, feat).teacher) == 4  # neck features apply
 
 
 # -- through the trainer (both doors) ----------------------------------------------------------------------------------

@@ -293,3 +293,31 @@ def test_a_qat_checkpoint_that_lost_its_entry_is_named_as_such(qat_run, tmp_path
     assert main(["val", f"model={tmp_path / 'no_entry.pt'}"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "lost its QAT entry" in err, err
+
+
+def test_finetune_to_a_new_class_count_quantizes_the_class_branch_too(coco8, qat_run, tmp_path, capsys):
+    """The common path: a COCO-shaped float .pt (80 classes) fine-tuned on a 4-class dataset. Ultralytics' load then
+    rebuilds the class branch (its width follows nc); quantizers inserted before that load were silently dropped."""
+    from ultralytics_qat.data import make_shapes_dataset
+    from ultralytics_qat.quant import QConv2d
+
+    data = make_shapes_dataset(tmp_path / "shapes", n_train=8, n_val=4, imgsz=64, seed=0)
+    float_pt = tmp_path / "coco-shaped.pt"
+    YOLO("yolov8n.yaml").save(float_pt)
+    model = YOLO(str(float_pt))
+    model.train(trainer=QATDetectionTrainer, data=str(data), project=str(tmp_path), name="nc4",
+                **{**TRAIN_ARGS, "epochs": 1})
+    trained = dict(model.trainer.model.named_modules())
+    planned = [p.name for p in model.trainer.qat_run.qat.plans]
+    assert any(".cv3." in n for n in planned)
+    assert all(isinstance(trained[n], QConv2d) for n in planned)
+    best, _ = load_qat_model(model.trainer.best)  # the final validation and export load it this way
+    assert all(q._initialized for _, q in quantizers(best))
+    assert {n.rsplit(".", 1)[0] for n, _ in quantizers(best)} == set(planned)
+
+    # a QAT checkpoint of another class count cannot continue here: one line, not a half-quantized model
+    capsys.readouterr()
+    assert main(["train", f"model={qat_run / 'weights' / 'best.pt'}", f"data={data}", "epochs=1", "imgsz=64",
+                 "batch=4", "workers=0", f"project={tmp_path}", "name=wrong-nc"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "QAT checkpoint for 80 classes and this dataset has 4" in err, err

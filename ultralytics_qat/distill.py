@@ -35,6 +35,7 @@ from torch import nn
 
 from .config import DistillConfig
 from .errors import QATCheckpointError, QATError
+from .quant import class_count
 
 ENTRY_KEY = "distill_teacher"  # key of the teacher's source in a checkpoint's QAT entry
 
@@ -227,6 +228,13 @@ def build_distiller(student_float: nn.Module, weights: nn.Module | None, from_qa
             "untrained, so its teacher would teach noise), or set qat.distill.weight=0"
         )
     if not from_qat:
+        src_nc, nc = class_count(weights), class_count(student_float)
+        if cfg.loss != "feat" and None not in (src_nc, nc) and src_nc != nc:
+            raise QATError(
+                f"qat.distill.loss={cfg.loss} needs a teacher trained on this dataset's classes, but the float model "
+                f"predicts {src_nc} classes and the dataset has {nc}; fine-tune it in float on this data first and "
+                "distil from that, or use qat.distill.loss=feat (neck features only)"
+            )
         return Distiller.from_float(student_float, weights, cfg)
     path = getattr(weights, "pt_path", None)
     ckpt = torch.load(path, map_location="cpu", weights_only=False) if path and Path(path).is_file() else {}

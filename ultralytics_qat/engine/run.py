@@ -36,6 +36,7 @@ from ..config import QATConfig
 from ..controller import QATController, unwrap
 from ..distill import ENTRY_KEY as DISTILL_KEY
 from ..distill import build_distiller
+from ..quant import class_count
 from ..errors import QATCheckpointError, QATError
 from ..report import LayerStats
 from ..stabilize import TrainState
@@ -194,18 +195,27 @@ class QATRun:
         from ultralytics.utils import RANK
 
         qat_weights = weights is not None and ckpt_io.carries_qat(weights)
+        nc, src_nc = trainer.data.get("nc"), class_count(weights) if weights is not None else None
+        if qat_weights and None not in (nc, src_nc) and nc != src_nc:
+            raise QATCheckpointError(
+                f"'{trainer.args.model}' is a QAT checkpoint for {src_nc} classes and this dataset has {nc}; its learned "
+                "quantizers do not carry over to a new class count: start QAT from the float model"
+            )
         if qat_weights:
             self._adopt_checkpoint_config(weights, bool(trainer.args.resume))
         model = base(cfg=cfg, weights=None, verbose=verbose)
+        if weights is not None and not qat_weights:
+            # float weights go in before the quantizers: on a new class count Ultralytics' load may replace the whole
+            # class branch (its width follows nc), which would drop quantizers inserted before it
+            model.load(weights, verbose=False)  # its count would include the quantizers a float model cannot fill
         if self.qat.config.distill.weight > 0:  # the teacher is the float model, copied before quantizers go in
             self.distiller = build_distiller(model, weights, qat_weights, self.qat.config.distill)
         self.qat.prepare(model, verbose=verbose and RANK in {-1, 0})
-        if weights is not None:
-            model.load(weights, verbose=False)  # its count would include the quantizers a float model cannot fill
-            if qat_weights:
-                ckpt_io.restore_exact(model, weights)
-            if verbose and RANK in {-1, 0}:
-                LOGGER.info(_transfer_line(model, weights, qat_weights))
+        if qat_weights:
+            model.load(weights, verbose=False)
+            ckpt_io.restore_exact(model, weights)
+        if weights is not None and verbose and RANK in {-1, 0}:
+            LOGGER.info(_transfer_line(model, weights, qat_weights))
         return model
 
     def _adopt_checkpoint_config(self, weights, resume: bool) -> None:

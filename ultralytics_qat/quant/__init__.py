@@ -1,6 +1,6 @@
 """Quantizer modules, the quantized conv and the injection policy."""
 
-from .inject import LayerPlan, candidate_convs, format_plan, plan_layers, quantize_model
+from .inject import LayerPlan, candidate_convs, class_count, format_plan, plan_layers, quantize_model
 from .qconv import QConv2d
 from .quantizer import LSQQuantizer, signed_grid, unsigned_grid
 
@@ -9,6 +9,7 @@ __all__ = [
     "LayerPlan",
     "QConv2d",
     "candidate_convs",
+    "class_count",
     "format_plan",
     "plan_layers",
     "quantize_model",

@@ -53,6 +53,13 @@ def candidate_convs(model: nn.Module) -> list[str]:
     return names
 
 
+def class_count(model: nn.Module) -> int | None:
+    """How many classes the detection head predicts (None for a model without one)."""
+    inner = getattr(model, "model", None)
+    head = inner[-1] if isinstance(inner, nn.Sequential) else None
+    return getattr(head, "nc", None)
+
+
 def last_convs(model: nn.Module) -> set[str]:
     """Names of the last ``Conv.conv`` of each detection-head branch, the ones feeding the float 1x1 outputs."""
     conv_cls, _ = _conv_classes()
