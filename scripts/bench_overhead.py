@@ -14,11 +14,14 @@ The first two epochs are dropped as warm-up (the CPU kernels compile meanwhile) 
 "process" is the whole child process's wall time, dataset building and the final validation included.
 
 Configurations: FP (plain DetectionTrainer), ultralytics-qat W8A8 and W4A4 (QATDetectionTrainer, default recipe),
-and upstream INT8 QAT (``quantize=8``, nvidia-modelopt with fixed calibrated ranges) when ``nvidia-modelopt`` is
-installed (``pip install "ultralytics-qat[bench]"``).
+upstream INT8 QAT (``quantize=8``, nvidia-modelopt with fixed calibrated ranges) when ``nvidia-modelopt`` is
+installed (``pip install "ultralytics-qat[bench]"``), and the cost of distillation: W4A4 fine-tunes of a float .pt
+(the untrained yaml model saved, since only the arithmetic is timed) without and with ``qat.distill.weight=1``
+(one teacher forward without gradient per step).
 
     python scripts/bench_overhead.py                      # imgsz 320, batch 8, 128 + 32 images, 6 epochs
     python scripts/bench_overhead.py --imgsz 160 --epochs 3 --only fp qat-w4a4
+    python scripts/bench_overhead.py --only qat-w4a4-ft qat-w4a4-ft-distill   # what the teacher costs
 """
 
 from __future__ import annotations
@@ -36,6 +39,9 @@ CONFIGS = {
     "qat-w8a8": {"qat": "qat.yaml", "qat.weight.bits": 8, "qat.activation.bits": 8},
     "qat-w4a4": {"qat": "qat.yaml"},
     "upstream-int8": {"quantize": 8},
+    # distillation's cost: the same fine-tune from a float .pt (a teacher needs one) without and with the teacher
+    "qat-w4a4-ft": {"qat": "qat.yaml", "model": "FLOAT_PT"},
+    "qat-w4a4-ft-distill": {"qat": "qat.yaml", "model": "FLOAT_PT", "qat.distill.weight": 1.0},
 }
 
 CHILD = r"""
@@ -68,7 +74,7 @@ def fit_epoch_end(tr):
         return
     loop.append(t["last"] - t["start"]); full.append(time.perf_counter() - t["start"]); bn.append(t["bn"])
     val.append(t["val"])
-model = YOLO("yolov8n.yaml")
+model = YOLO(spec.pop("model", "yolov8n.yaml"))
 model.add_callback("on_train_epoch_start", start)
 model.add_callback("on_train_batch_end", batch_end)
 model.add_callback("on_val_start", val_start)  # the trainer's validator gets copies of these callbacks
@@ -123,10 +129,16 @@ def main() -> None:
         if importlib.util.find_spec("modelopt") is None:
             print("upstream-int8 skipped: nvidia-modelopt not installed (pip install 'ultralytics-qat[bench]')")
             names.remove("upstream-int8")
+    float_pt = work / "float.pt"
+    if any(CONFIGS[n].get("model") == "FLOAT_PT" for n in names):
+        from ultralytics import YOLO
+
+        YOLO("yolov8n.yaml").save(float_pt)
     results = {}
     for name in names:
         print(f"running {name} ...", flush=True)
-        res = run(name, CONFIGS[name], base, cfg_dir)
+        spec = {k: str(float_pt) if v == "FLOAT_PT" else v for k, v in CONFIGS[name].items()}
+        res = run(name, spec, base, cfg_dir)
         if res:
             results[name] = res
     if a.json:

@@ -10,7 +10,8 @@ On the synthetic shapes dataset, on CPU:
 It prints one table: final mAP50-95 (the model the run ends with: after QC when the recipe has it), the last and the
 best epoch's, final as % of the fair control (fp+ft, final) and as % of the start FP model (its best epoch, the only
 reference of BENCHMARKS.md's older tables), epoch of the best, a collapse flag (last epoch below 90% of the best), the
-fraction of oscillating weights at the end, and wall time. The fine-tune arguments are the
+fraction of oscillating weights at the end, training seconds per epoch (results.csv's clock: the loop and its
+validations, so distillation's teacher forward shows there), and wall time. The fine-tune arguments are the
 plugin's ``qat.finetune`` defaults, passed explicitly so that the float control gets the very same ones.
 
     python scripts/bench_recipes.py --quick            # < 10 min on 2 cores
@@ -20,7 +21,8 @@ plugin's ``qat.finetune`` defaults, passed explicitly so that the float control 
     python scripts/bench_recipes.py --seeds 0 1 2 --recipes lsq default default+distill default+mixed --no-scratch
 
 A recipe is a bundled recipe name, or ``default`` (the bundled ``qat.yaml``), optionally with ``+distill``
-(``qat.distill.weight=1``: the float start model as teacher; ``+distill=0.5`` sets the weight) and/or ``+mixed``
+(``qat.distill.weight=1``: the float start model as teacher; ``+distill=0.5`` sets the weight, ``+distill=1:both``
+also the loss) and/or ``+mixed``
 (``qat.budget``: per-layer weight bits from a ``yolo-qat sensitivity`` measurement of the seed's float model, at the
 average weight bits of the uniform run, so it is the same size). A finished run in ``--work`` is reused, so an
 interrupted benchmark resumes where it stopped, and new recipes can be added to a finished one.
@@ -81,6 +83,7 @@ def summarize(name: str, save_dir: Path, fp_map: float | None, wall: float, cont
         "collapse": maps[-1] < 0.9 * best,
         "osc": rows[-1].get("qat/osc_frac"),
         "curve": maps,
+        "epoch_s": rows[-1]["time"] / len(rows),  # results.csv's clock: the loop with its validations, not setup
         "wall_s": wall,
     }
 
@@ -104,27 +107,32 @@ def train(tag: str, work: Path, trainer=None, **kw) -> tuple[Path, float]:
     return Path(model.trainer.save_dir), wall
 
 
-def parse_recipe(spec: str) -> tuple[str, float, bool]:
-    """``stable``, ``default+distill``, ``default+distill=0.5+mixed`` -> (qat= value, distill weight, mixed)."""
+def parse_recipe(spec: str) -> tuple[str, dict, bool]:
+    """``stable``, ``default+distill``, ``default+distill=0.5:both+mixed`` -> (qat= value, distill args, mixed)."""
     from ultralytics_qat.config import bundled_recipes
 
     base, *mods = spec.split("+")
     qat = "qat.yaml" if base == "default" else base
-    distill, mixed, ok = 0.0, False, base == "default" or base in bundled_recipes()
+    distill, mixed, ok = {}, False, base == "default" or base in bundled_recipes()
     for mod in mods:
         name, _, value = mod.partition("=")
         if name == "mixed" and not value:
             mixed = True
         elif name == "distill":
+            weight, _, loss = value.partition(":")
             try:
-                distill = float(value) if value else 1.0
+                distill["qat.distill.weight"] = float(weight) if weight else 1.0
             except ValueError:
                 ok = False
+            if loss:
+                distill["qat.distill.loss"] = loss
+                ok = ok and loss in ("head", "feat", "both")
         else:
             ok = False
-    if not ok or (any(m.startswith("distill") for m in mods) and distill <= 0):
+    if not ok or distill.get("qat.distill.weight", 1.0) <= 0:
         raise SystemExit(f"recipe '{spec}': use a bundled recipe ({', '.join(bundled_recipes())}) or 'default', "
-                         "optionally with +distill (weight 1), +distill=W and/or +mixed")
+                         "optionally with +distill (weight 1, loss head), +distill=W, +distill=W:LOSS "
+                         "(head, feat or both) and/or +mixed")
     return qat, distill, mixed
 
 
@@ -200,7 +208,7 @@ def run_seed(seed: int, prof: dict, work: Path, recipes: list[str], bits_list: l
         out[-1]["fair"] = 100 * out[-1]["final"] / control if control else None
         for recipe in recipes:
             qat, distill, mixed = parse_recipe(recipe)
-            extra = {"qat.distill.weight": distill} if distill else {}
+            extra = dict(distill)
             if mixed:
                 extra["qat.budget.avg_weight_bits"] = round(uniform_avg_bits(fp_weights, qat, bits), 6)
                 extra["qat.budget.sensitivity"] = str(sensitivity(fp_weights, data, prof, work, f"sens-s{seed}"))
@@ -235,7 +243,8 @@ def epoch1(row: dict, fp_map: float) -> float | None:
 def table(rows_by_seed: dict[int, list[dict]]) -> str:
     seeds = sorted(rows_by_seed)
     lines = ["| run | final mAP50-95 | last epoch | best epoch's | % of fp+ft (fair) | % of start FP | epoch 1 % of "
-             "start FP | best epoch | collapse | osc. frac | wall s |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "start FP | best epoch | collapse | osc. frac | s per epoch | wall s |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for i, r in enumerate(rows_by_seed[seeds[0]]):
         runs = [{**rows_by_seed[s][i], "e1": epoch1(rows_by_seed[s][i], rows_by_seed[s][0]["best"])} for s in seeds]
 
@@ -250,7 +259,7 @@ def table(rows_by_seed: dict[int, list[dict]]) -> str:
                      f"{fmt('retained', nd=1)} | {fmt('e1', nd=1)} | "
                      f"{'/'.join(str(x['best_epoch']) for x in runs)} of {r['epochs']} | "
                      f"{'yes' if collapse else 'no'}{f' ({collapse}/{len(runs)})' if len(runs) > 1 and collapse else ''} | "
-                     f"{fmt('osc', nd=4)} | {fmt('wall_s', nd=0)} |")
+                     f"{fmt('osc', nd=4)} | {fmt('epoch_s', nd=1)} | {fmt('wall_s', nd=0)} |")
     return "\n".join(lines)
 
 

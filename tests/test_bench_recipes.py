@@ -19,11 +19,14 @@ def br():
 
 
 def test_recipe_specs(br):
-    assert br.parse_recipe("default") == ("qat.yaml", 0.0, False)
-    assert br.parse_recipe("lsq") == ("lsq", 0.0, False)
-    assert br.parse_recipe("stable+mixed+distill") == ("stable", 1.0, True)
-    assert br.parse_recipe("default+distill=0.5") == ("qat.yaml", 0.5, False)
-    for bad in ("nope", "default+fast", "qat.yaml+distill", "default+distill=x", "default+distill=0", "default+mixed=2"):
+    assert br.parse_recipe("default") == ("qat.yaml", {}, False)
+    assert br.parse_recipe("lsq") == ("lsq", {}, False)
+    assert br.parse_recipe("stable+mixed+distill") == ("stable", {"qat.distill.weight": 1.0}, True)
+    assert br.parse_recipe("default+distill=0.5") == ("qat.yaml", {"qat.distill.weight": 0.5}, False)
+    assert br.parse_recipe("default+distill=2:both") == (
+        "qat.yaml", {"qat.distill.weight": 2.0, "qat.distill.loss": "both"}, False)
+    for bad in ("nope", "default+fast", "qat.yaml+distill", "default+distill=x", "default+distill=0", "default+mixed=2",
+                "default+distill=1:kl", "default+distill=0:head"):
         with pytest.raises(SystemExit, match="bundled recipe"):
             br.parse_recipe(bad)
 
@@ -42,6 +45,7 @@ def test_final_is_after_post_qat_and_collapse_reads_the_epochs(br, tmp_path, mon
     row = br.summarize("x", d, fp_map=0.5, wall=1.0, control=0.4)
     assert row["final"] == row["last_epoch"] == 0.37 and row["best"] == 0.40 and row["best_epoch"] == 2
     assert row["fair"] == pytest.approx(92.5) and row["retained"] == pytest.approx(74.0)
+    assert row["epoch_s"] == pytest.approx(2 / 3)  # results.csv's clock at the last epoch, per epoch
     assert not row["collapse"]  # 0.37 is within 10% of 0.40
     monkeypatch.setattr(br, "post_qat_map", lambda _: 0.42)  # QC after the loop lifted it
     row = br.summarize("x", d, fp_map=0.5, wall=1.0, control=0.4)
