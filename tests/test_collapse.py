@@ -10,6 +10,7 @@ from qat_test_utils import TRAIN_ARGS
 from ultralytics_qat import QATDetectionTrainer, add_qat_callbacks
 from ultralytics_qat.checkpoint import CKPT_KEY
 from ultralytics_qat.config import QATConfig
+from ultralytics_qat.errors import QATError
 from ultralytics_qat.quant import QConv2d
 from ultralytics_qat.stabilize import CollapseGuard, TrainState, build_stabilizers
 
@@ -57,10 +58,10 @@ def test_state_dict_round_trip_drops_the_in_memory_copy():
 # -- real runs: the tiny model's true fitness is ~0, so validation reports a scripted fitness while an LR spike in
 # epochs 3-4 really corrupts the weights; what is checked is what the guard does to the run's real state.
 SCRIPT = [0.30, 0.50, 0.30, 0.28, 0.45, 0.46]  # best at epoch 2; epochs 3 and 4 below 0.45: the collapse fires at 4
-SPIKE = (2, 3)  # 0-based epochs with lr 0.05
+SPIKE = (2, 3)  # 0-based epochs with lr 0.05 (weights, BN, biases)
 
 
-def _instrument(model, seen):
+def _instrument(model, seen, spike_lr=True):
     def scripted(trainer):
         validate = trainer.validate
 
@@ -74,9 +75,10 @@ def _instrument(model, seen):
         trainer.validate = fake
 
     def spike(trainer):
-        if trainer.epoch in SPIKE:
+        if trainer.epoch in SPIKE:  # the scales keep their lr: a spike there can make them NaN (a divergence, below)
             for g in trainer.optimizer.param_groups:
-                g["lr"] = 0.05
+                if g.get("param_group") != "qat_scale":
+                    g["lr"] = 0.05
 
     def saved(trainer):
         seen.setdefault("lr", {})[trainer.epoch] = [g["initial_lr"] for g in trainer.optimizer.param_groups]
@@ -84,7 +86,8 @@ def _instrument(model, seen):
         seen.setdefault("model", {})[trainer.epoch] = {k: v.clone() for k, v in trainer.model.state_dict().items()}
 
     model.add_callback("on_pretrain_routine_end", scripted)
-    model.add_callback("on_train_batch_start", spike)
+    if spike_lr:
+        model.add_callback("on_train_batch_start", spike)
     model.add_callback("on_model_save", saved)
 
 
@@ -128,6 +131,46 @@ def test_forced_collapse_is_restored_to_the_best_ema_state_with_lower_lr_and_sur
     resumed.train(trainer=QATDetectionTrainer, resume=True)
     assert base[4] == pytest.approx([0.1 * lr for lr in seen["lr"][2]])  # the lowered lr survived the resume
     assert len(_events(save_dir)) == 1  # epochs 5-6 recovered: nothing more fired
+
+
+def _nan_scale_at_the_end_of(epoch):
+    """A callback that sets one learned scale of the training model to NaN after the last batch of ``epoch`` (0-based):
+    the loss stayed finite, so only the run's own check sees it."""
+    def poison(trainer):
+        trainer.nan_batches = getattr(trainer, "nan_batches", 0) + 1
+        if trainer.epoch == epoch and trainer.nan_batches % len(trainer.train_loader) == 0:
+            q = next(m for m in trainer.model.modules() if isinstance(m, QConv2d)).weight_fake_quant
+            with torch.no_grad():
+                q.scale.view(-1)[0] = float("nan")
+    return poison
+
+
+@pytest.mark.slow
+def test_diverged_scales_restore_the_best_state_and_the_run_goes_on(coco8, tmp_path):
+    seen = {}
+    model = YOLO("yolov8n.yaml")
+    _instrument(model, seen, spike_lr=False)
+    model.add_callback("on_train_batch_end", _nan_scale_at_the_end_of(2))
+    args = {**TRAIN_ARGS, "epochs": 3, "optimizer": "AdamW", "lr0": 1e-3, "warmup_epochs": 0}
+    model.train(trainer=QATDetectionTrainer, data=str(coco8), project=str(tmp_path), name="d", **args)
+    (event,) = _events(model.trainer.save_dir)
+    assert event["epoch"] == 3 and event["source"] == "diverged" and event["action"] == "restore"
+    assert "NaN or inf" in event["message"] and "restored the best EMA state (epoch 2)" in event["message"]
+    best, now = seen["ema"][1], seen["ema"][2]
+    for k in (k for k in best if ".tracker." not in k and "running_" not in k and "num_batches" not in k):
+        assert torch.equal(now[k], best[k]) and torch.equal(seen["model"][2][k], best[k]), k
+    assert seen["lr"][2] == pytest.approx([0.1 * lr for lr in seen["lr"][1]])
+    rows = (model.trainer.save_dir / "results.csv").read_text().splitlines()
+    assert len(rows) == 1 + 3 and model.trainer.best.exists()  # epoch 3 validated and saved; the run finished
+
+
+@pytest.mark.slow
+def test_diverged_scales_stop_the_run_in_one_line_when_the_guard_only_warns(coco8, tmp_path):
+    model = YOLO("yolov8n.yaml")
+    model.add_callback("on_train_batch_end", _nan_scale_at_the_end_of(1))
+    with pytest.raises(QATError, match=r"QAT diverged in epoch 2: 1 learned scale tensors are NaN or inf .*last good"):
+        model.train(trainer=QATDetectionTrainer, data=str(coco8), project=str(tmp_path), name="w",
+                    **{**TRAIN_ARGS, "epochs": 3}, **{"qat.collapse.action": "warn"})
 
 
 @pytest.mark.slow

@@ -391,8 +391,13 @@ class QATRun:
         fatal, warning = ckpt_io.scale_problems(trainer.model)
         loss_ok = trainer.loss is None or bool(torch.isfinite(trainer.loss).all())
         if fatal and loss_ok:  # a non-finite loss is Ultralytics' NaN recovery's to handle (it reloads last.pt)
-            raise QATError(f"QAT diverged in epoch {trainer.epoch + 1}: {fatal}; last.pt holds the last good epoch. "
-                           "Retrain with a lower lr0 or qat.optim.scale_lr_mult")
+            guard = self.qat.collapse_guard
+            event = guard.recover(self.state(trainer), fatal) if guard is not None else None
+            if event is None:
+                raise QATError(f"QAT diverged in epoch {trainer.epoch + 1}: {fatal}; last.pt holds the last good epoch. "
+                               "Retrain with a lower lr0 or qat.optim.scale_lr_mult")
+            self._log_event(trainer, event)
+            warning = ckpt_io.scale_problems(trainer.model)[1]
         if warning:  # the forward clamps them to a tiny step: those channels output zeros
             LOGGER.warning(f"QAT: epoch {trainer.epoch + 1}: {warning}; the scales' lr is too high for them, lower "
                            "qat.optim.scale_lr_mult (Adam steps by about lr whatever the scale's size)")
@@ -413,8 +418,12 @@ class QATRun:
             return
         event = guard.observe(self.state(trainer), trainer.fitness)
         if event is not None:
-            with open(trainer.save_dir / "qat_events.jsonl", "a", encoding="utf-8") as f:
-                f.write(json.dumps(event) + "\n")
+            self._log_event(trainer, event)
+
+    @staticmethod
+    def _log_event(trainer, event: dict) -> None:
+        with open(trainer.save_dir / "qat_events.jsonl", "a", encoding="utf-8") as f:
+            f.write(json.dumps(event) + "\n")
 
     def _best_state(self, trainer) -> dict | None:
         """The exact QAT state of best.pt (the guard's fallback when its in-memory copy is gone, e.g. after resume)."""

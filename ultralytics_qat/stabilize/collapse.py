@@ -16,6 +16,11 @@ Actions:
              the latent weights and weight scales of all quantized convs stop training (BN, biases and activation
              scales keep training).
 
+Divergence: an epoch that ends with NaN or inf learned scales (and a finite loss, which Ultralytics' own NaN
+recovery does not see) is handed to :meth:`CollapseGuard.recover`: ``restore`` and ``freeze`` load the best EMA state
+and lower the learning rates as above (``freeze`` also freezes the codes), and the run goes on; with ``warn``, under
+DDP, or before any validation has set a best state, the run stops with one line (last.pt holds the last good epoch).
+
 The oscillating fraction and scale drift are reported, not part of the rule: in normal runs they rise too
 (BENCHMARKS.md), so they do not tell a collapse from progress. The guard keeps its small host state in the resume
 checkpoint (:meth:`state_dict`); its copy of the best state lives in memory, and after a resume the run gives it a
@@ -132,6 +137,27 @@ class CollapseGuard(Stabilizer):
                    f"{_signals(signals, self.best_signals)}; {done}")
         LOGGER.warning(message)
         return {"epoch": epoch, "source": self.name, "action": action, "message": message}
+
+    def recover(self, state: TrainState, why: str) -> dict | None:
+        """A diverged epoch (``why``: its non-finite scales): with ``restore`` or ``freeze``, load the best EMA state
+        and lower the learning rates (what diverged was the step size); returns the event, or None when the guard may
+        not act (``warn``, DDP) or has no best state yet, and the run must stop."""
+        if self.action == "warn" or not self.can_act:
+            return None
+        done = self._restore(state)
+        if done is None:
+            return None
+        done += self._lower_lr(state)
+        if self.action == "freeze":
+            _freeze_codes(state.model)
+            self.frozen = True
+            done += "; integer codes of all quantized weights frozen"
+        self.bad = 0
+        self.events += 1
+        epoch = state.epoch + 1
+        message = f"QAT: diverged in epoch {epoch}: {why}; {done}"
+        LOGGER.warning(message)
+        return {"epoch": epoch, "source": "diverged", "action": self.action, "message": message}
 
     # -- actions -----------------------------------------------------------------------------------------------------
     def _restore(self, state: TrainState) -> str | None:
