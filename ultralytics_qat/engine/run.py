@@ -7,7 +7,7 @@ doors share surgery, config adoption, the AMP policy, the optimizer's scale grou
 recovery, checkpoint writing and the finalize step. This module is the only code that reads Ultralytics' trainer.
 
 Life of a run:
-    ``get_model``         build the model, insert quantizers, load float or QAT weights (a QAT checkpoint's own config)
+    ``get_model``         build the model, load float weights, insert quantizers, load QAT weights (their own config)
     ``build_optimizer``   Ultralytics' optimizer plus a scale group that follows the weight group's lr
     pretrain end          calibrate on the run's own loader, sync the EMA, QAT EMA decay, stabilizers start
     batches, epoch end    stabilizer hooks; before each validation BN re-estimation of the EMA
@@ -36,8 +36,8 @@ from ..config import QATConfig
 from ..controller import QATController, unwrap
 from ..distill import ENTRY_KEY as DISTILL_KEY
 from ..distill import build_distiller
-from ..quant import class_count
 from ..errors import QATCheckpointError, QATError
+from ..quant import class_count
 from ..report import LayerStats
 from ..stabilize import TrainState
 from ..utils import LOGGER
@@ -191,7 +191,7 @@ class QATRun:
 
     # -- trainer hooks (both doors) ----------------------------------------------------------------------------------
     def get_model(self, trainer, base, cfg=None, weights=None, verbose=True):
-        """Build the detection model, insert quantizers, then load ``weights`` (float or QAT, exactly) into it."""
+        """Build the detection model; float ``weights`` load before the quantizers go in, QAT ones (exactly) after."""
         from ultralytics.utils import RANK
 
         qat_weights = weights is not None and ckpt_io.carries_qat(weights)
