@@ -132,8 +132,13 @@ def main() -> None:
     float_pt = work / "float.pt"
     if any(CONFIGS[n].get("model") == "FLOAT_PT" for n in names):
         from ultralytics import YOLO
+        from ultralytics.nn.tasks import DetectionModel
 
-        YOLO("yolov8n.yaml").save(float_pt)
+        from ultralytics_qat.data.shapes import CLASS_NAMES
+
+        model = YOLO("yolov8n.yaml")
+        model.model = DetectionModel("yolov8n.yaml", nc=len(CLASS_NAMES), verbose=False)  # the dataset's classes
+        model.save(float_pt)
     results = {}
     for name in names:
         print(f"running {name} ...", flush=True)
