@@ -53,18 +53,21 @@ def candidate_convs(model: nn.Module) -> list[str]:
     return names
 
 
+def _head(model: nn.Module) -> nn.Module | None:
+    """The detection head: the last module of an Ultralytics model's ``model`` Sequential (None otherwise)."""
+    inner = getattr(model, "model", model)
+    return inner[-1] if isinstance(inner, nn.Sequential) else None
+
+
 def class_count(model: nn.Module) -> int | None:
     """How many classes the detection head predicts (None for a model without one)."""
-    inner = getattr(model, "model", None)
-    head = inner[-1] if isinstance(inner, nn.Sequential) else None
-    return getattr(head, "nc", None)
+    return getattr(_head(model), "nc", None)
 
 
 def last_convs(model: nn.Module) -> set[str]:
     """Names of the last ``Conv.conv`` of each detection-head branch, the ones feeding the float 1x1 outputs."""
     conv_cls, _ = _conv_classes()
-    inner = getattr(model, "model", model)
-    head = inner[-1] if isinstance(inner, nn.Sequential) else None
+    head = _head(model)
     if head is None:
         return set()
     head_name = next((n for n, m in model.named_modules() if m is head), "")
