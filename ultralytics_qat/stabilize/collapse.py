@@ -121,15 +121,9 @@ class CollapseGuard(Stabilizer):
         action = self.action if self.can_act else "warn"
         done = {"warn": "warned only", "restore": "", "freeze": ""}[action]
         if action != "warn":
-            done = self._restore(state)
+            done = self._act(state, lower_lr=action == "restore")
             if done is None:
                 action, done = "warn", "no best state to restore (best.pt missing), warned only"
-            elif action == "restore":
-                done += self._lower_lr(state)
-            else:
-                _freeze_codes(state.model)
-                self.frozen = True
-                done += "; integer codes of all quantized weights frozen (weights and weight scales stop training)"
         if self.action != "warn" and not self.can_act:
             done += f" (action {self.action} needs a single process; under DDP the guard warns only)"
         message = (f"QAT: collapse at epoch {epoch}: fitness {fitness:.4f} is {100 * (1 - fitness / self.best):.0f}% "
@@ -144,14 +138,9 @@ class CollapseGuard(Stabilizer):
         not act (``warn``, DDP) or has no best state yet, and the run must stop."""
         if self.action == "warn" or not self.can_act:
             return None
-        done = self._restore(state)
+        done = self._act(state, lower_lr=True)
         if done is None:
             return None
-        done += self._lower_lr(state)
-        if self.action == "freeze":
-            _freeze_codes(state.model)
-            self.frozen = True
-            done += "; integer codes of all quantized weights frozen"
         self.bad = 0
         self.events += 1
         epoch = state.epoch + 1
@@ -160,6 +149,20 @@ class CollapseGuard(Stabilizer):
         return {"epoch": epoch, "source": "diverged", "action": self.action, "message": message}
 
     # -- actions -----------------------------------------------------------------------------------------------------
+    def _act(self, state: TrainState, lower_lr: bool) -> str | None:
+        """The configured action: best EMA state back, then the learning rates lowered and/or (``freeze``) the codes
+        frozen; what was done, or None when there is no best state."""
+        done = self._restore(state)
+        if done is None:
+            return None
+        if lower_lr:
+            done += self._lower_lr(state)
+        if self.action == "freeze":
+            _freeze_codes(state.model)
+            self.frozen = True
+            done += "; integer codes of all quantized weights frozen (weights and weight scales stop training)"
+        return done
+
     def _restore(self, state: TrainState) -> str | None:
         """The best EMA state into model and EMA; None if there is none."""
         exact = self.best_state is not None
