@@ -304,16 +304,18 @@ def test_finetune_to_a_new_class_count_quantizes_the_class_branch_too(coco8, qat
     data = make_shapes_dataset(tmp_path / "shapes", n_train=8, n_val=4, imgsz=64, seed=0)
     float_pt = tmp_path / "coco-shaped.pt"
     YOLO("yolov8n.yaml").save(float_pt)
-    model = YOLO(str(float_pt))
-    model.train(trainer=QATDetectionTrainer, data=str(data), project=str(tmp_path), name="nc4",
-                **{**TRAIN_ARGS, "epochs": 1})
-    trained = dict(model.trainer.model.named_modules())
-    planned = [p.name for p in model.trainer.qat_run.qat.plans]
-    assert any(".cv3." in n for n in planned)
-    assert all(isinstance(trained[n], QConv2d) for n in planned)
-    best, _ = load_qat_model(model.trainer.best)  # the final validation and export load it this way
-    assert all(q._initialized for _, q in quantizers(best))
-    assert {n.rsplit(".", 1)[0] for n, _ in quantizers(best)} == set(planned)
+    for door in ("subclass", "dropin"):  # both doors bind the same get_model; each must quantize the new branch
+        model = YOLO(str(float_pt))
+        controller = add_qat_callbacks(model) if door == "dropin" else None
+        model.train(trainer=QATDetectionTrainer if door == "subclass" else None, data=str(data),
+                    project=str(tmp_path), name=f"nc4-{door}", **{**TRAIN_ARGS, "epochs": 1})
+        trained = dict(model.trainer.model.named_modules())
+        planned = [p.name for p in (controller or model.trainer.qat_run.qat).plans]
+        assert any(".cv3." in n for n in planned), door
+        assert all(isinstance(trained[n], QConv2d) for n in planned), door
+        best, _ = load_qat_model(model.trainer.best)  # the final validation and export load it this way
+        assert all(q._initialized for _, q in quantizers(best)), door
+        assert {n.rsplit(".", 1)[0] for n, _ in quantizers(best)} == set(planned), door
 
     # a QAT checkpoint of another class count cannot continue here: one line, not a half-quantized model
     capsys.readouterr()
