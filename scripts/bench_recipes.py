@@ -22,7 +22,7 @@ plugin's ``qat.finetune`` defaults, passed explicitly so that the float control 
 
 A recipe is a bundled recipe name, or ``default`` (the bundled ``qat.yaml``), optionally with ``+distill``
 (``qat.distill.weight=1``: the float start model as teacher; ``+distill=0.5`` sets the weight, ``+distill=1:both``
-also the loss) and/or ``+mixed``
+also the loss), ``+KEY=VALUE`` (any qat key, e.g. ``+optim.scale_lr_mult=0.1``) and/or ``+mixed``
 (``qat.budget``: per-layer weight bits from a ``yolo-qat sensitivity`` measurement of the seed's float model, at the
 average weight bits of the uniform run, so it is the same size). A finished run in ``--work`` is reused, so an
 interrupted benchmark resumes where it stopped, and new recipes can be added to a finished one.
@@ -108,12 +108,15 @@ def train(tag: str, work: Path, trainer=None, **kw) -> tuple[Path, float]:
 
 
 def parse_recipe(spec: str) -> tuple[str, dict, bool]:
-    """``stable``, ``default+distill``, ``default+distill=0.5:both+mixed`` -> (qat= value, distill args, mixed)."""
-    from ultralytics_qat.config import bundled_recipes
+    """``stable``, ``default+distill=0.5:both+mixed``, ``default+optim.scale_lr_mult=0.1`` -> (qat= value, extra
+    ``qat.*`` arguments, mixed)."""
+    import yaml
+
+    from ultralytics_qat.config import QATConfig, bundled_recipes
 
     base, *mods = spec.split("+")
     qat = "qat.yaml" if base == "default" else base
-    distill, mixed, ok = {}, False, base == "default" or base in bundled_recipes()
+    extra, mixed, ok = {}, False, base == "default" or base in bundled_recipes()
     for mod in mods:
         name, _, value = mod.partition("=")
         if name == "mixed" and not value:
@@ -121,19 +124,25 @@ def parse_recipe(spec: str) -> tuple[str, dict, bool]:
         elif name == "distill":
             weight, _, loss = value.partition(":")
             try:
-                distill["qat.distill.weight"] = float(weight) if weight else 1.0
+                extra["qat.distill.weight"] = float(weight) if weight else 1.0
             except ValueError:
                 ok = False
             if loss:
-                distill["qat.distill.loss"] = loss
+                extra["qat.distill.loss"] = loss
                 ok = ok and loss in ("head", "feat", "both")
+        elif "." in name and value and ok:  # any qat key, e.g. optim.scale_lr_mult=0.1: checked by the config
+            try:
+                QATConfig.load(qat, {name: yaml.safe_load(value)})
+                extra[f"qat.{name}"] = yaml.safe_load(value)
+            except Exception:
+                ok = False
         else:
             ok = False
-    if not ok or distill.get("qat.distill.weight", 1.0) <= 0:
+    if not ok or extra.get("qat.distill.weight", 1.0) <= 0:
         raise SystemExit(f"recipe '{spec}': use a bundled recipe ({', '.join(bundled_recipes())}) or 'default', "
                          "optionally with +distill (weight 1, loss head), +distill=W, +distill=W:LOSS "
-                         "(head, feat or both) and/or +mixed")
-    return qat, distill, mixed
+                         "(head, feat or both), +mixed and/or +KEY=VALUE for any qat key (e.g. +optim.scale_lr_mult=0.1)")
+    return qat, extra, mixed
 
 
 def uniform_avg_bits(fp_weights: Path, qat: str, bits: int) -> float:
@@ -207,8 +216,7 @@ def run_seed(seed: int, prof: dict, work: Path, recipes: list[str], bits_list: l
         out[-1]["retained"] = 100 * out[-1]["final"] / fp_map if fp_map else None
         out[-1]["fair"] = 100 * out[-1]["final"] / control if control else None
         for recipe in recipes:
-            qat, distill, mixed = parse_recipe(recipe)
-            extra = dict(distill)
+            qat, extra, mixed = parse_recipe(recipe)
             if mixed:
                 extra["qat.budget.avg_weight_bits"] = round(uniform_avg_bits(fp_weights, qat, bits), 6)
                 extra["qat.budget.sensitivity"] = str(sensitivity(fp_weights, data, prof, work, f"sens-s{seed}"))

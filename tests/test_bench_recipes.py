@@ -25,8 +25,11 @@ def test_recipe_specs(br):
     assert br.parse_recipe("default+distill=0.5") == ("qat.yaml", {"qat.distill.weight": 0.5}, False)
     assert br.parse_recipe("default+distill=2:both") == (
         "qat.yaml", {"qat.distill.weight": 2.0, "qat.distill.loss": "both"}, False)
+    assert br.parse_recipe("default+optim.scale_lr_mult=0.1+mixed") == (
+        "qat.yaml", {"qat.optim.scale_lr_mult": 0.1}, True)
     for bad in ("nope", "default+fast", "qat.yaml+distill", "default+distill=x", "default+distill=0", "default+mixed=2",
-                "default+distill=1:kl", "default+distill=0:head"):
+                "default+distill=1:kl", "default+distill=0:head", "default+optim.nope=1",
+                "default+optim.scale_lr_mult=-1", "default+weight.bits=12"):
         with pytest.raises(SystemExit, match="bundled recipe"):
             br.parse_recipe(bad)
 
