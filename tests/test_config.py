@@ -125,7 +125,7 @@ def test_scale_lr_mult_is_capped_and_the_cap_is_documented():
     assert "out of range; allowed: 0.0..100.0" in _error({"optim": {"scale_lr_mult": 1e6}})
     assert QATConfig.from_dict({"optim": {"scale_lr_mult": 100}}).optim.scale_lr_mult == 100.0
     doc = dict((k, d) for k, _, d in describe_options())["optim.scale_lr_mult"]
-    assert doc.startswith("0.0..100.0: ") and "negative" in doc
+    assert doc.startswith("0.0..100.0: ") and "crossed zero" in doc
 
 
 def test_exponent_floats_that_yaml_1_1_reads_as_strings_are_accepted(tmp_path):
