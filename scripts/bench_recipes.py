@@ -113,6 +113,7 @@ def parse_recipe(spec: str) -> tuple[str, dict, bool]:
     import yaml
 
     from ultralytics_qat.config import QATConfig, bundled_recipes
+    from ultralytics_qat.errors import QATConfigError
 
     base, *mods = spec.split("+")
     qat = "qat.yaml" if base == "default" else base
@@ -131,10 +132,11 @@ def parse_recipe(spec: str) -> tuple[str, dict, bool]:
                 extra["qat.distill.loss"] = loss
                 ok = ok and loss in ("head", "feat", "both")
         elif "." in name and value and ok:  # any qat key, e.g. optim.scale_lr_mult=0.1: checked by the config
+            parsed = yaml.safe_load(value)
             try:
-                QATConfig.load(qat, {name: yaml.safe_load(value)})
-                extra[f"qat.{name}"] = yaml.safe_load(value)
-            except Exception:
+                QATConfig.load(qat, {name: parsed})
+                extra[f"qat.{name}"] = parsed
+            except QATConfigError:
                 ok = False
         else:
             ok = False

@@ -669,10 +669,7 @@ def test_openvino_ir_keeps_convs_integer_and_map(shapes_qat, capsys, monkeypatch
     monkeypatch.undo()
     pt = shapes_qat["map"]
     print(f"shapes W4A4 QAT mAP50-95: .pt {pt:.4f}, OpenVINO IR {ov:.4f}")
-    # 4-bit code flips cascade in some images (OpenVINO's integer convs round differently from the float forward): on
-    # 16 images of this weak model one flipped match moves mAP by ~0.005; a wrong grid, channel order or letterbox
-    # costs most of it
-    assert pt > 0.002 and abs(pt - ov) <= max(0.005, 0.15 * pt), (pt, ov)
+    assert pt > 0.002 and abs(pt - ov) <= 0.005, (pt, ov)  # measured at f32: 0.0598 both (opencv 5.1, AMX Xeon)
     val_dir = shapes_qat["dir"] / "val"
     assert main(["val", f"model={out}", f"data={shapes_qat['data']}", "imgsz=64", "batch=1", "rect=False",
                  "plots=False", f"project={val_dir}"]) == 0
