@@ -41,7 +41,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_recipes import MAP, results
+from bench_recipes import MAP, results, train
 
 SHAPES = {"n_train": 128, "n_val": 32, "imgsz": 128}  # the quick profile's dataset (and the demo float model's)
 COMMON = {"imgsz": 128, "batch": 16, "nbs": 16, "deterministic": True}  # nbs = batch: one optimizer step per batch
@@ -136,28 +136,6 @@ def run_args(setting: dict, recipe: dict | None, fp: str | None, data: str, seed
     return args
 
 
-def train_cached(tag: str, work: Path, args: dict, trainer, rerun: bool = False) -> tuple[Path, float]:
-    """Train (or reuse a finished run of ``tag`` with identical arguments); returns (save_dir, wall seconds)."""
-    from ultralytics import YOLO
-
-    save_dir = work / "runs" / tag
-    done = save_dir / "bench_done.json"
-    if not rerun and done.is_file():
-        info = json.loads(done.read_text())
-        if info.get("args") == _jsonable(args) and (save_dir / "results.csv").is_file():
-            print(f"bench_collapse: reusing {save_dir} (same arguments; --rerun retrains)")
-            return save_dir, info["wall_s"]
-    kw = dict(args)
-    model = YOLO(kw.pop("model"))
-    t = time.perf_counter()
-    model.train(trainer=trainer, project=str(work / "runs"), name=tag, exist_ok=True, plots=False, workers=0,
-                verbose=False, **kw)
-    wall = time.perf_counter() - t
-    save_dir = Path(model.trainer.save_dir)
-    (save_dir / "bench_done.json").write_text(json.dumps({"args": _jsonable(args), "wall_s": wall}))
-    return save_dir, wall
-
-
 def _jsonable(args: dict) -> dict:
     return json.loads(json.dumps(args, default=str))
 
@@ -188,7 +166,7 @@ def float_model(work: Path, data: str, seed: int, rerun: bool) -> str:
     from ultralytics.models.yolo.detect import DetectionTrainer
 
     args = {**COMMON, "data": data, "seed": seed, "model": "yolov8n.yaml", "epochs": FP_EPOCHS}
-    save_dir, _ = train_cached(f"fp-s{seed}", work, args, DetectionTrainer, rerun)
+    save_dir, _ = train(f"fp-s{seed}", work, DetectionTrainer, rerun, **args)
     return str(save_dir / "weights" / "best.pt")
 
 
@@ -200,7 +178,7 @@ def one_run(tag: str, setting: dict, recipe: dict | None, ctx: dict) -> dict:
     fp = ctx["fp"]() if setting["model"] == "fp" else None
     args = run_args(setting, recipe, fp, ctx["data"], ctx["seed"])
     trainer = DetectionTrainer if recipe is None else QATDetectionTrainer
-    save_dir, wall = train_cached(tag, ctx["work"], args, trainer, ctx["rerun"])
+    save_dir, wall = train(tag, ctx["work"], trainer, ctx["rerun"], **args)
     curves = read_curves(save_dir)
     return {"run": tag, "save_dir": str(save_dir), "args": _jsonable(args), "wall_s": wall, **curves,
             **collapse_stats(curves["map"], ctx["drop"], ctx["min_peak"])}

@@ -88,23 +88,37 @@ def summarize(name: str, save_dir: Path, fp_map: float | None, wall: float, cont
     }
 
 
-def train(tag: str, work: Path, trainer=None, **kw) -> tuple[Path, float]:
-    """Train one run into ``work/runs/tag``; a run finished there before with the same arguments is reused."""
+def run_key(kw: dict) -> str:
+    """What a finished run is reused by: its arguments and, for a QAT run, the recipe they resolve to (a bundled
+    recipe such as ``qat.yaml`` can change between commits under the same name)."""
+    from ultralytics_qat.config import QATConfig
+
+    key = {k: str(v) for k, v in sorted(kw.items())}
+    if "qat" in kw:
+        overrides = {k[len("qat."):]: v for k, v in kw.items() if k.startswith("qat.")}
+        key["qat resolved"] = json.dumps(QATConfig.load(kw["qat"], overrides).to_dict(), sort_keys=True, default=str)
+    return json.dumps(key)
+
+
+def train(tag: str, work: Path, trainer=None, rerun: bool = False, **kw) -> tuple[Path, float]:
+    """Train one run into ``work/runs/tag``; a run finished there before with the same ``run_key`` is reused."""
     from ultralytics import YOLO
 
     save_dir = work / "runs" / tag  # work is absolute: Ultralytics puts a relative project under runs_dir
     done = save_dir / "bench_done.json"
-    key = json.dumps({k: str(v) for k, v in sorted(kw.items())})
+    key = run_key(kw)
     record = json.loads(done.read_text()) if done.is_file() else {}
-    if record.get("args") == key:
+    if not rerun and record.get("args") == key and (save_dir / "results.csv").is_file():
+        print(f"{Path(sys.argv[0]).name}: reusing {save_dir} (same arguments and recipe)")
         return save_dir, record["wall_s"]
     model = YOLO(kw.pop("model"))
     t = time.perf_counter()
     model.train(trainer=trainer, project=str(work / "runs"), name=tag, exist_ok=True, plots=False, workers=0,
                 verbose=False, **kw)
     wall = time.perf_counter() - t
-    done.write_text(json.dumps({"args": key, "wall_s": wall}))
-    return Path(model.trainer.save_dir), wall
+    save_dir = Path(model.trainer.save_dir)
+    (save_dir / "bench_done.json").write_text(json.dumps({"args": key, "wall_s": wall}))
+    return save_dir, wall
 
 
 def parse_recipe(spec: str) -> tuple[str, dict, bool]:

@@ -62,12 +62,25 @@ def test_final_is_after_post_qat_and_collapse_reads_the_epochs(br, tmp_path, mon
 def test_a_finished_run_is_reused_only_with_the_same_arguments(br, tmp_path):
     d = tmp_path / "runs" / "tag"
     d.mkdir(parents=True)
+    (d / "results.csv").write_text("epoch\n1\n")
     args = dict(model="missing-model.pt", epochs=3, lr0=0.001)
-    (d / "bench_done.json").write_text(json.dumps({"args": json.dumps({k: str(v) for k, v in sorted(args.items())}),
-                                                   "wall_s": 12.5}))
+    (d / "bench_done.json").write_text(json.dumps({"args": br.run_key(args), "wall_s": 12.5}))
     assert br.train("tag", tmp_path, **dict(args)) == (d, 12.5)
     with pytest.raises(Exception):  # other arguments: trained again (and this model file does not exist)
         br.train("tag", tmp_path, **{**args, "epochs": 4})
+    with pytest.raises(Exception):  # --rerun: trained again
+        br.train("tag", tmp_path, rerun=True, **dict(args))
+
+
+def test_a_run_of_an_edited_recipe_file_is_not_reused(br, tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("optim:\n  scale_lr_mult: 1.0\n")
+    args = dict(model="fp.pt", epochs=3, qat=str(recipe), **{"qat.weight.bits": 4})
+    before = br.run_key(args)
+    assert br.run_key(dict(args)) == before
+    recipe.write_text("optim:\n  scale_lr_mult: 0.1\n")  # same name, other content: the old run must not count
+    assert br.run_key(args) != before
+    assert br.run_key({**args, "qat.weight.bits": 3}) != br.run_key(args)
 
 
 def test_mixed_budget_is_the_uniform_models_average_bits(br):
