@@ -349,7 +349,8 @@ def main() -> None:
 
     import ultralytics.utils.torch_utils as torch_utils
 
-    torch_utils.NUM_THREADS = a.threads  # select_device sets it on every trainer; mAP does not depend on it
+    torch_utils.NUM_THREADS = a.threads  # select_device sets it on every trainer; the thread count changes float
+    # summation order, so compare runs made with the same count (BENCHMARKS.md: up to 2 points at epoch 1)
     work = (a.work or Path(tempfile.mkdtemp(prefix="bench_recipes_"))).resolve()
     make_hermetic(work / "cfg")
     prof = PROFILES["smoke" if a.smoke else "quick" if a.quick else "full"]
