@@ -19,13 +19,17 @@ plugin's ``qat.finetune`` defaults, passed explicitly so that the float control 
     python scripts/bench_recipes.py --seeds 0 1 2      # seed spread
     python scripts/bench_recipes.py --smoke --recipes lsq stable --bits 4   # does the script run (~3 min)
     python scripts/bench_recipes.py --seeds 0 1 2 --recipes lsq default default+distill default+mixed --no-scratch
+    python scripts/bench_recipes.py --recipes default --bits 4 --no-scratch --stop-after 1 --train-args mosaic=0
 
 A recipe is a bundled recipe name, or ``default`` (the bundled ``qat.yaml``), optionally with ``+distill``
 (``qat.distill.weight=1``: the float start model as teacher; ``+distill=0.5`` sets the weight, ``+distill=1:both``
 also the loss), ``+KEY=VALUE`` (any qat key, e.g. ``+optim.scale_lr_mult=0.1``) and/or ``+mixed``
 (``qat.budget``: per-layer weight bits from a ``yolo-qat sensitivity`` measurement of the seed's float model, at the
-average weight bits of the uniform run, so it is the same size). A finished run in ``--work`` is reused, so an
-interrupted benchmark resumes where it stopped, and new recipes can be added to a finished one.
+average weight bits of the uniform run, so it is the same size). ``--train-args KEY=VALUE ...`` changes Ultralytics'
+arguments of every fine-tune, the fair control's and the QAT runs' alike (their runs and rows are named
+``...@KEY=VALUE``); ``--stop-after N`` stops every fine-tune after epoch N of its schedule (the learning rates of a
+full run; for first-epoch studies). A finished run in ``--work`` is reused, so an interrupted benchmark resumes where
+it stopped, and new recipes can be added to a finished one.
 """
 
 from __future__ import annotations
@@ -100,18 +104,22 @@ def run_key(kw: dict) -> str:
     return json.dumps(key)
 
 
-def train(tag: str, work: Path, trainer=None, rerun: bool = False, **kw) -> tuple[Path, float]:
-    """Train one run into ``work/runs/tag``; a run finished there before with the same ``run_key`` is reused."""
+def train(tag: str, work: Path, trainer=None, rerun: bool = False, stop_after: int | None = None, **kw
+          ) -> tuple[Path, float]:
+    """Train one run into ``work/runs/tag``; a run finished there before with the same ``run_key`` is reused.
+    ``stop_after``: stop after that epoch of the ``epochs`` schedule."""
     from ultralytics import YOLO
 
     save_dir = work / "runs" / tag  # work is absolute: Ultralytics puts a relative project under runs_dir
     done = save_dir / "bench_done.json"
-    key = run_key(kw)
+    key = run_key(kw if stop_after is None else {**kw, "stop after epoch": stop_after})
     record = json.loads(done.read_text()) if done.is_file() else {}
     if not rerun and record.get("args") == key and (save_dir / "results.csv").is_file():
         print(f"{Path(sys.argv[0]).name}: reusing {save_dir} (same arguments and recipe)")
         return save_dir, record["wall_s"]
     model = YOLO(kw.pop("model"))
+    if stop_after is not None:
+        model.add_callback("on_fit_epoch_end", lambda tr: setattr(tr, "stop", tr.stop or tr.epoch + 1 >= stop_after))
     t = time.perf_counter()
     model.train(trainer=trainer, project=str(work / "runs"), name=tag, exist_ok=True, plots=False, workers=0,
                 verbose=False, **kw)
@@ -161,6 +169,34 @@ def parse_recipe(spec: str) -> tuple[str, dict, bool]:
     return qat, extra, mixed
 
 
+BENCH_ARGS = {"model", "data", "epochs", "imgsz", "batch", "nbs", "seed", "deterministic", "project", "name",
+              "exist_ok", "plots", "workers", "verbose", "resume", "qat"}
+
+
+def parse_train_args(items: list[str]) -> dict:
+    """``--train-args mosaic=0 optimizer=AdamW`` -> {"mosaic": 0, "optimizer": "AdamW"}: Ultralytics training
+    arguments (checked against its defaults) that the benchmark does not set itself."""
+    import yaml
+    from ultralytics.cfg import DEFAULT_CFG_DICT
+
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or key not in DEFAULT_CFG_DICT or key in BENCH_ARGS:
+            why = (f"'{key}' is set by the benchmark itself" if key in BENCH_ARGS else
+                   f"'{key}' is not an Ultralytics training argument" if sep else "write KEY=VALUE")
+            raise SystemExit(f"--train-args {item}: {why}; use Ultralytics arguments such as mosaic=0 lr0=0.0005 "
+                             "(qat keys go in --recipes, e.g. default+calibration.batches=32)")
+        out[key] = yaml.safe_load(value)
+    return out
+
+
+def args_suffix(train_args: dict, stop_after: int | None) -> str:
+    """What a fine-tune's run and row name add for --train-args / --stop-after: ``@mosaic=0,stop1`` (or nothing)."""
+    parts = [f"{k}={v}" for k, v in train_args.items()] + ([f"stop{stop_after}"] if stop_after else [])
+    return "@" + ",".join(parts) if parts else ""
+
+
 def uniform_avg_bits(fp_weights: Path, qat: str, bits: int) -> float:
     """Average weight bits of the uniform W``bits`` model (first/last layers at their own widths): the mixed budget."""
     from ultralytics import YOLO
@@ -203,8 +239,8 @@ def ptq(fp_weights: Path, data: str, bits: int, prof: dict, work: Path) -> dict:
             "osc": None, "curve": [m], "wall_s": time.perf_counter() - t}
 
 
-def run_seed(seed: int, prof: dict, work: Path, recipes: list[str], bits_list: list[int], scratch: bool = True
-             ) -> list[dict]:
+def run_seed(seed: int, prof: dict, work: Path, recipes: list[str], bits_list: list[int], scratch: bool = True,
+             train_args: dict | None = None, stop_after: int | None = None) -> list[dict]:
     from ultralytics.models.yolo.detect import DetectionTrainer
 
     from ultralytics_qat import QATDetectionTrainer
@@ -220,10 +256,11 @@ def run_seed(seed: int, prof: dict, work: Path, recipes: list[str], bits_list: l
     fp["retained"] = 100.0
     out.append(fp)
     fp_weights = fp_dir / "weights" / "best.pt"
-    finetune = {**finetune_args(), **common}
-    d, wall = train(f"fp-ft-s{seed}", work, DetectionTrainer, model=str(fp_weights), epochs=prof["qat_epochs"],
-                    **finetune)
-    ctrl = summarize("fp+ft (fair control)", d, fp_map, wall)
+    finetune = {**finetune_args(), **(train_args or {}), **common}
+    at = args_suffix(train_args or {}, stop_after)
+    d, wall = train(f"fp-ft{at}-s{seed}", work, DetectionTrainer, stop_after=stop_after, model=str(fp_weights),
+                    epochs=prof["qat_epochs"], **finetune)
+    ctrl = summarize(f"fp+ft{at} (fair control)", d, fp_map, wall)
     control = ctrl["final"]
     ctrl["fair"] = 100.0
     out.append(ctrl)
@@ -236,10 +273,11 @@ def run_seed(seed: int, prof: dict, work: Path, recipes: list[str], bits_list: l
             if mixed:
                 extra["qat.budget.avg_weight_bits"] = round(uniform_avg_bits(fp_weights, qat, bits), 6)
                 extra["qat.budget.sensitivity"] = str(sensitivity(fp_weights, data, prof, work, f"sens-s{seed}"))
-            d, wall = train(f"{recipe}-w{bits}-s{seed}", work, QATDetectionTrainer, model=str(fp_weights),
-                            epochs=prof["qat_epochs"], qat=qat, **finetune,
+            d, wall = train(f"{recipe}{at}-w{bits}-s{seed}", work, QATDetectionTrainer, stop_after=stop_after,
+                            model=str(fp_weights), epochs=prof["qat_epochs"], qat=qat, **finetune,
                             **{"qat.weight.bits": bits, "qat.activation.bits": bits}, **extra)
-            name = f"{recipe} w{bits}a{bits}" if not mixed else f"{recipe} w{extra['qat.budget.avg_weight_bits']:.2f}a{bits}"
+            width = f"w{bits}" if not mixed else f"w{extra['qat.budget.avg_weight_bits']:.2f}"
+            name = f"{recipe}{at} {width}a{bits}"
             out.append(summarize(name, d, fp_map, wall, control))
     if not scratch:
         return out
@@ -259,7 +297,7 @@ def finetune_args() -> dict:
 
 def epoch1(row: dict, fp_map: float) -> float | None:
     """A QAT fine-tune's first validation as % of the start FP model (issue 11's first-epoch target)."""
-    if row["run"] in ("fp", "fp+ft (fair control)") or row["run"].startswith(("ptq", "scratch")) or not fp_map:
+    if row["run"] == "fp" or row["run"].startswith(("fp+ft", "ptq", "scratch")) or not fp_map:
         return None
     return 100 * row["curve"][0] / fp_map
 
@@ -293,14 +331,26 @@ def _recipe_and_bits(name: str) -> tuple[str, int]:
     return recipe, int(width.rsplit("a", 1)[1])
 
 
+def _baselines(run: str) -> list[str]:
+    """What a row is compared with: ``X@args`` with ``X`` (a stopped run with a run stopped alike), ``X+mod`` with
+    ``X`` and default with lsq under the same arguments."""
+    recipe, _, args = run.partition("@")
+    stop = [p for p in args.split(",") if p.startswith("stop")]
+    out = [recipe.rsplit("+", 1)[0]] if "+" in recipe else ["lsq"] if recipe == "default" else []
+    out = [b + ("@" + args if args else "") for b in out]
+    if args and args != (stop[0] if stop else ""):
+        out.append(recipe + ("@" + stop[0] if stop else ""))
+    return out
+
+
 def comparisons(rows_by_seed: dict[int, list[dict]]) -> str:
-    """Per seed, in points of the fair control: default vs lsq, and every ``X+mod`` vs ``X`` at the same width."""
+    """Per seed, in points of the fair control (each run's own): default vs lsq, every ``X+mod`` vs ``X`` and every
+    ``X@args`` (other training arguments) vs ``X`` at the same width."""
     seeds = sorted(rows_by_seed)
     fair = {s: {_recipe_and_bits(r["run"]): r["fair"] for r in rows_by_seed[s]
                 if r.get("fair") is not None and " w" in r["run"] and not r["run"].startswith(("ptq", "scratch"))}
             for s in seeds}
-    pairs = {(a, b, bits) for s in seeds for (a, bits) in fair[s] for b in
-             ([a.rsplit("+", 1)[0]] if "+" in a else ["lsq"] if a == "default" else [])}
+    pairs = {(a, b, bits) for s in seeds for (a, bits) in fair[s] for b in _baselines(a) if b != a}
     lines = []
     for a, b, bits in sorted(pairs, key=lambda x: (-x[2], x[0])):
         diffs = [fair[s][(a, bits)] - fair[s][(b, bits)] for s in seeds if (a, bits) in fair[s] and (b, bits) in fair[s]]
@@ -333,11 +383,18 @@ def main() -> None:
     p.add_argument("--no-scratch", action="store_true", help="skip the scratch W4A16 run")
     p.add_argument("--from-json", type=Path, nargs="+", default=None,
                    help="print the table of --json files (runs of the same work folder merged); train nothing")
+    p.add_argument("--train-args", nargs="+", default=[], metavar="KEY=VALUE",
+                   help="Ultralytics arguments of every fine-tune (the fair control's too), e.g. mosaic=0 lr0=0.0005")
+    p.add_argument("--stop-after", type=int, default=None, metavar="N",
+                   help="stop every fine-tune after epoch N of its schedule (first-epoch studies)")
     p.add_argument("--threads", type=int, default=os.cpu_count(),
                    help="torch CPU threads (default: every core; Ultralytics takes cores - 1, one thread on 2 cores)")
     a = p.parse_args()
     for r in a.recipes:
         parse_recipe(r)
+    train_args = parse_train_args(a.train_args)
+    if a.stop_after is not None and a.stop_after < 1:
+        raise SystemExit(f"--stop-after {a.stop_after}: give an epoch >= 1 (1 = the first epoch only)")
     if a.from_json:
         rows = merge_rows([json.loads(f.read_text()) for f in a.from_json])
         print(table(rows) + "\n\n" + comparisons(rows))
@@ -357,11 +414,14 @@ def main() -> None:
     t0 = time.perf_counter()
     rows = {}
     for s in a.seeds:
-        rows[s] = run_seed(s, prof, work, a.recipes, a.bits, scratch=not a.no_scratch)
+        rows[s] = run_seed(s, prof, work, a.recipes, a.bits, scratch=not a.no_scratch, train_args=train_args,
+                           stop_after=a.stop_after)
         if a.json:  # after every seed: an interrupted benchmark keeps what it measured
             a.json.write_text(json.dumps(rows, indent=1))
     print(f"\nshapes {prof['n_train']}/{prof['n_val']} images at {prof['imgsz']}, yolov8n, FP {prof['fp_epochs']} "
-          f"epochs, QAT fine-tune {prof['qat_epochs']} epochs ({' '.join(f'{k}={v}' for k, v in finetune_args().items())}),"
+          f"epochs, QAT fine-tune {prof['qat_epochs']} epochs "
+          f"({' '.join(f'{k}={v}' for k, v in {**finetune_args(), **train_args}.items())}"
+          f"{f', stopped after epoch {a.stop_after}' if a.stop_after else ''}),"
           f" seeds {a.seeds}, total {time.perf_counter() - t0:.0f} s")
     print(table(rows) + "\n\n" + comparisons(rows))
 

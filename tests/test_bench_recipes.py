@@ -114,3 +114,38 @@ def test_json_files_of_one_work_folder_merge_per_seed(br):
     assert sorted(merged) == [0, 1]
     assert [r["run"] for r in merged[1]] == ["fp", "lsq w4a4", "default w4a4"]
     assert "default vs lsq at A4: +3.0 / +3.0" in br.comparisons(merged)
+
+
+def test_train_args_are_checked_and_name_their_runs(br):
+    assert br.parse_train_args(["mosaic=0", "optimizer=AdamW", "lr0=6.25e-4"]) == {
+        "mosaic": 0, "optimizer": "AdamW", "lr0": 6.25e-4}
+    for bad, why in (("mosaik=0", "not an Ultralytics training argument"), ("epochs=3", "set by the benchmark"),
+                     ("mosaic", "KEY=VALUE"), ("qat.weight.bits=3", "not an Ultralytics")):
+        with pytest.raises(SystemExit, match=why):
+            br.parse_train_args([bad])
+    assert br.args_suffix({}, None) == ""
+    assert br.args_suffix({"mosaic": 0, "lr0": 0.001}, 1) == "@mosaic=0,lr0=0.001,stop1"
+    assert br.args_suffix({}, 1) == "@stop1"
+
+
+def test_a_stopped_run_is_not_reused_for_a_full_one(br, tmp_path):
+    d = tmp_path / "runs" / "tag"
+    d.mkdir(parents=True)
+    (d / "results.csv").write_text("epoch\n1\n")
+    args = dict(model="missing-model.pt", epochs=15)
+    (d / "bench_done.json").write_text(json.dumps({"args": br.run_key({**args, "stop after epoch": 1}), "wall_s": 3}))
+    assert br.train("tag", tmp_path, stop_after=1, **dict(args)) == (d, 3)
+    with pytest.raises(Exception):  # the full schedule: trained again (and this model file does not exist)
+        br.train("tag", tmp_path, **dict(args))
+
+
+def test_other_training_arguments_compare_with_the_same_recipe(br):
+    rows = {0: [_row("fp", None, (0.4,)), _row("default w4a4", 92.0), _row("default@mosaic=0 w4a4", 90.5),
+                _row("default@stop1 w4a4", 80.0), _row("default@mosaic=0,stop1 w4a4", 81.0),
+                _row("default+distill@stop1 w4a4", 83.0), _row("fp+ft@mosaic=0 (fair control)", 100.0)]}
+    text = br.comparisons(rows)
+    assert "- default@mosaic=0 vs default at A4: -1.5" in text
+    assert "- default@mosaic=0,stop1 vs default@stop1 at A4: +1.0" in text  # stopped runs against stopped ones
+    assert "- default+distill@stop1 vs default@stop1 at A4: +3.0" in text
+    assert "default@stop1 vs default " not in text and "fp+ft" not in text
+    assert br.epoch1(rows[0][-1], 0.4) is None and br.epoch1(rows[0][3], 0.4) == pytest.approx(75.0)
