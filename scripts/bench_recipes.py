@@ -113,9 +113,13 @@ def train(tag: str, work: Path, trainer=None, rerun: bool = False, stop_after: i
     save_dir = work / "runs" / tag  # work is absolute: Ultralytics puts a relative project under runs_dir
     done = save_dir / "bench_done.json"
     key = run_key(kw if stop_after is None else {**kw, "stop after epoch": stop_after})
+    from ultralytics.utils import torch_utils
+
+    threads = torch_utils.NUM_THREADS  # another thread count sums in another order and ends elsewhere
     record = json.loads(done.read_text()) if done.is_file() else {}
-    if not rerun and record.get("args") == key and (save_dir / "results.csv").is_file():
-        print(f"{Path(sys.argv[0]).name}: reusing {save_dir} (same arguments and recipe)")
+    if (not rerun and record.get("args") == key and record.get("threads", threads) == threads
+            and (save_dir / "results.csv").is_file()):  # records older than the thread field: the default count
+        print(f"{Path(sys.argv[0]).name}: reusing {save_dir} (same arguments, recipe and threads)")
         return save_dir, record["wall_s"]
     model = YOLO(kw.pop("model"))
     if stop_after is not None:
@@ -125,7 +129,7 @@ def train(tag: str, work: Path, trainer=None, rerun: bool = False, stop_after: i
                 verbose=False, **kw)
     wall = time.perf_counter() - t
     save_dir = Path(model.trainer.save_dir)
-    (save_dir / "bench_done.json").write_text(json.dumps({"args": key, "wall_s": wall}))
+    (save_dir / "bench_done.json").write_text(json.dumps({"args": key, "threads": threads, "wall_s": wall}))
     return save_dir, wall
 
 

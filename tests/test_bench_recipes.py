@@ -72,6 +72,21 @@ def test_a_finished_run_is_reused_only_with_the_same_arguments(br, tmp_path):
         br.train("tag", tmp_path, rerun=True, **dict(args))
 
 
+def test_a_run_of_another_thread_count_is_not_reused(br, tmp_path, monkeypatch):
+    from ultralytics.utils import torch_utils
+
+    d = tmp_path / "runs" / "tag"
+    d.mkdir(parents=True)
+    (d / "results.csv").write_text("epoch\n1\n")
+    args = dict(model="missing-model.pt", epochs=3)
+    (d / "bench_done.json").write_text(json.dumps({"args": br.run_key(args), "threads": 1, "wall_s": 2}))
+    monkeypatch.setattr(torch_utils, "NUM_THREADS", 1)
+    assert br.train("tag", tmp_path, **dict(args)) == (d, 2)
+    monkeypatch.setattr(torch_utils, "NUM_THREADS", 2)  # sums in another order: its numbers are another run's
+    with pytest.raises(Exception):
+        br.train("tag", tmp_path, **dict(args))
+
+
 def test_a_run_of_an_edited_recipe_file_is_not_reused(br, tmp_path):
     recipe = tmp_path / "r.yaml"
     recipe.write_text("optim:\n  scale_lr_mult: 1.0\n")
