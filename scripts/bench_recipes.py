@@ -109,12 +109,11 @@ def train(tag: str, work: Path, trainer=None, rerun: bool = False, stop_after: i
     """Train one run into ``work/runs/tag``; a run finished there before with the same ``run_key`` is reused.
     ``stop_after``: stop after that epoch of the ``epochs`` schedule."""
     from ultralytics import YOLO
+    from ultralytics.utils import torch_utils
 
     save_dir = work / "runs" / tag  # work is absolute: Ultralytics puts a relative project under runs_dir
     done = save_dir / "bench_done.json"
     key = run_key(kw if stop_after is None else {**kw, "stop after epoch": stop_after})
-    from ultralytics.utils import torch_utils
-
     threads = torch_utils.NUM_THREADS  # another thread count sums in another order and ends elsewhere
     record = json.loads(done.read_text()) if done.is_file() else {}
     if (not rerun and record.get("args") == key and record.get("threads", threads) == threads
